@@ -1,0 +1,131 @@
+"""LatentDiffusion: the three networks of Stable Diffusion under the original attribute names.
+
+As ldm/models/diffusion/ddpm.py LatentDiffusion, minus training: `model.diffusion_model` (the UNet, inside a
+DiffusionWrapper), `first_stage_model` (AutoencoderKL), `cond_stage_model` (text encoder). So
+`state_dict()` keys are the original checkpoint keys, except what the original stores but inference does not
+need (model_ema.*, the schedule buffers, text-encoder extras), which the loader accounts for by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ldm.config import LatentDiffusionConfig, TextEncoderConfig
+from ldm.schedules import alphas_cumprod_from_betas, make_beta_schedule
+
+
+def _text_encoder(cfg: TextEncoderConfig) -> nn.Module:
+    # imported here so a config with one text encoder does not need the other's module
+    if cfg.is_openclip:
+        from ldm.models.openclip_text import FrozenOpenCLIPEmbedder
+
+        return FrozenOpenCLIPEmbedder(cfg)
+    from ldm.models.clip_text import FrozenCLIPEmbedder
+
+    return FrozenCLIPEmbedder(cfg)
+
+
+def schedule_alphas_cumprod(cfg: LatentDiffusionConfig) -> torch.Tensor:
+    """alphas_cumprod of the config's schedule: float64 math (as ddpm.py register_schedule), float32 result."""
+    with torch.device("cpu"):  # real values even inside build_model(device="meta")
+        betas = make_beta_schedule(cfg.timesteps, linear_start=cfg.linear_start, linear_end=cfg.linear_end,
+                                   schedule=cfg.beta_schedule)
+        return alphas_cumprod_from_betas(betas).to(torch.float32)
+
+
+class DiffusionWrapper(nn.Module):
+    """Holds the UNet as `diffusion_model` and routes conditioning to it (ddpm.py DiffusionWrapper)."""
+
+    def __init__(self, unet: nn.Module, conditioning_key: str):
+        super().__init__()
+        self.diffusion_model = unet
+        self.conditioning_key = conditioning_key
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                c_concat: torch.Tensor | None = None) -> torch.Tensor:
+        if self.conditioning_key == "hybrid":
+            # inpainting: latent, then the extra channels (mask, masked-image latent) along dim 1
+            if c_concat is None:
+                raise ValueError("conditioning_key 'hybrid' needs c_concat (mask and masked-image latent)")
+            x = torch.cat([x, c_concat], dim=1)
+        elif c_concat is not None:
+            raise ValueError(f"c_concat given, but conditioning_key is {self.conditioning_key!r}")
+        return self.diffusion_model(x, t, context)
+
+
+class LatentDiffusion(nn.Module):
+    """UNet + VAE + text encoder of one Stable Diffusion config, with the config's noise schedule."""
+
+    def __init__(self, cfg: LatentDiffusionConfig):
+        super().__init__()
+        from ldm.models.autoencoder import AutoencoderKL
+        from ldm.models.unet import UNetModel
+
+        self.config = cfg
+        self.model = DiffusionWrapper(UNetModel(cfg.unet), cfg.conditioning_key)
+        self.first_stage_model = AutoencoderKL(cfg.first_stage)
+        self.cond_stage_model = _text_encoder(cfg.cond_stage)
+        self.scale_factor = cfg.scale_factor
+        self.parameterization = cfg.parameterization
+        self.conditioning_key = cfg.conditioning_key
+        self.num_timesteps = cfg.timesteps
+        # Always real values on CPU, even inside a meta-device build: a loader that assigns checkpoint
+        # tensors into a meta-built model then keeps the schedule (it is not in the state_dict).
+        self.register_buffer("alphas_cumprod", schedule_alphas_cumprod(cfg), persistent=False)
+
+    @property
+    def unet(self) -> nn.Module:
+        return self.model.diffusion_model
+
+    @property
+    def vae(self) -> nn.Module:
+        return self.first_stage_model
+
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """(B, 77, D) cross-attention context for a list of prompts."""
+        return self.cond_stage_model.encode(prompts)
+
+    def apply_model(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                    c_concat: torch.Tensor | None = None) -> torch.Tensor:
+        """UNet output (eps or v) for latent `x` at timesteps `t`; `c_concat` only for inpainting."""
+        return self.model(x, t, context, c_concat)
+
+
+class _SkipRandomInitOnMeta(TorchFunctionMode):
+    """Random init of a meta tensor does nothing, but torch's meta normal_ imports torch._dynamo (seconds of
+    start-up for every process that builds a model to load a checkpoint into): skip those calls."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", None) in ("normal_", "uniform_", "trunc_normal_"):
+            tensor = args[0] if args else kwargs.get("tensor")
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
+def build_model(cfg: LatentDiffusionConfig, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32) -> LatentDiffusion:
+    """Build an (untrained) LatentDiffusion in eval mode; device="meta" allocates no parameter storage.
+
+    As the original (ddpm.py instantiate_first_stage / instantiate_cond_stage), the VAE and the text encoder
+    are frozen; the UNet keeps requires_grad (inference code runs under torch.no_grad()).
+
+    Parameters and persistent buffers get `dtype`; `alphas_cumprod` stays float32 (samplers do their
+    schedule arithmetic in float32 or higher, as the original's float32 buffers).
+    """
+    meta = torch.device(device).type == "meta"
+    with torch.device(device), (_SkipRandomInitOnMeta() if meta else contextlib.nullcontext()):
+        model = LatentDiffusion(cfg)
+    alphas_cumprod = model.alphas_cumprod
+    model.to(dtype=dtype)
+    if not meta:
+        alphas_cumprod = alphas_cumprod.to(device)
+    model.alphas_cumprod = alphas_cumprod
+    model.first_stage_model.requires_grad_(False)
+    model.cond_stage_model.requires_grad_(False)
+    return model.eval()

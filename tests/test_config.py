@@ -1,0 +1,173 @@
+"""ldm.config: the original yaml files read into frozen dataclasses; unknown fields and targets fail loudly."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from ldm.config import (
+    CLIPTextConfig, ConfigError, LatentDiffusionConfig, OpenCLIPTextConfig, load_config, parse_config,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+ORIGINAL = sorted((ROOT / "configs" / "stable-diffusion").glob("*.yaml"))
+TINY = sorted((ROOT / "tests" / "configs").glob("*.yaml"))
+# Where the originals were copied from (read-only reference trees; absent outside the dev machine).
+REFERENCE = {
+    "v1-inference.yaml": Path("/work/ref/CompVis+stable-diffusion/configs/stable-diffusion/v1-inference.yaml"),
+    "v2-inference.yaml": Path("/work/ref/Stability-AI+stablediffusion/configs/stable-diffusion/v2-inference.yaml"),
+    "v2-inference-v.yaml": Path(
+        "/work/ref/Stability-AI+stablediffusion/configs/stable-diffusion/v2-inference-v.yaml"),
+}
+SECTION_FIELD = {"unet_config": "unet", "first_stage_config": "first_stage", "cond_stage_config": "cond_stage"}
+
+
+def _yaml(path):
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
+def _as_config_value(value):
+    return tuple(_as_config_value(v) for v in value) if isinstance(value, list) else value
+
+
+def _check_leaves(obj, data, where):
+    """Every value in the yaml mapping `data` is the same value on the dataclass `obj`."""
+    for key, value in data.items():
+        attr = getattr(obj, SECTION_FIELD.get(key, key))
+        if dataclasses.is_dataclass(attr) and isinstance(value, dict):
+            if "params" in value or "target" in value and hasattr(attr, "target"):  # {target, params} section
+                if hasattr(attr, "target"):
+                    assert attr.target == value["target"], f"{where}.{key}.target"
+                if key == "lossconfig" or key == "scheduler_config":
+                    assert attr.params == value.get("params", {}), f"{where}.{key}.params"
+                else:
+                    _check_leaves(attr, value.get("params") or {}, f"{where}.{key}.params")
+            else:
+                _check_leaves(attr, value, f"{where}.{key}")
+        else:
+            assert attr == _as_config_value(value), f"{where}.{key}: {attr!r} != {value!r}"
+
+
+@pytest.mark.parametrize("path", ORIGINAL + TINY, ids=lambda p: p.name)
+def test_every_yaml_value_lands_in_the_dataclass(path):
+    cfg = load_config(path)
+    data = _yaml(path)["model"]
+    assert cfg.target == data["target"]
+    assert cfg.base_learning_rate == data["base_learning_rate"]
+    _check_leaves(cfg, data["params"], "model.params")
+
+
+def test_the_four_original_configs_are_shipped():
+    assert [p.name for p in ORIGINAL] == [
+        "v1-inference.yaml", "v1-inpainting-inference.yaml", "v2-inference-v.yaml", "v2-inference.yaml"]
+    assert [p.name for p in TINY] == ["tiny-v1-inpainting.yaml", "tiny-v1.yaml", "tiny-v2-v.yaml", "tiny-v2.yaml"]
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE))
+def test_shipped_configs_equal_the_originals(name):
+    if not REFERENCE[name].exists():
+        pytest.skip(f"reference tree not present: {REFERENCE[name]}")
+    assert _yaml(ROOT / "configs" / "stable-diffusion" / name) == _yaml(REFERENCE[name])
+
+
+def test_what_distinguishes_the_original_configs():
+    v1, inpaint, v2, v2v = (load_config(ROOT / "configs" / "stable-diffusion" / f"{n}.yaml") for n in
+                            ("v1-inference", "v1-inpainting-inference", "v2-inference", "v2-inference-v"))
+    # defaults of ddpm.DDPM when the yaml omits them
+    assert (v1.parameterization, v2.parameterization, v2v.parameterization) == ("eps", "eps", "v")
+    assert (v1.conditioning_key, inpaint.conditioning_key) == ("crossattn", "hybrid")
+    assert (v1.unet.in_channels, inpaint.unet.in_channels) == (4, 9)
+    assert (v1.unet.num_heads, v1.unet.num_head_channels, v1.unet.use_linear_in_transformer) == (8, -1, False)
+    assert (v2.unet.num_heads, v2.unet.num_head_channels, v2.unet.use_linear_in_transformer) == (-1, 64, True)
+    assert v1.unet.attention_resolutions == (4, 2, 1) and v1.unet.channel_mult == (1, 2, 4, 4)
+    assert v1.first_stage.ddconfig.ch_mult == (1, 2, 4, 4) and v1.first_stage.ddconfig.attn_resolutions == ()
+    # text encoders: absent size extensions resolve to CLIP ViT-L/14 and OpenCLIP ViT-H/14
+    assert not v1.cond_stage.is_openclip and v1.cond_stage.text_config == CLIPTextConfig()
+    assert (v1.cond_stage.text_config.hidden_size, v1.cond_stage.text_config.num_hidden_layers) == (768, 12)
+    assert v1.cond_stage.text_cfg is None and v1.cond_stage.embed_dim is None and v1.cond_stage.layer == "last"
+    assert v2.cond_stage.is_openclip and v2.cond_stage.text_cfg == OpenCLIPTextConfig()
+    assert (v2.cond_stage.embed_dim, v2.cond_stage.text_cfg.width, v2.cond_stage.text_cfg.layers) == (1024, 1024, 24)
+    assert v2.cond_stage.text_config is None and v2.cond_stage.layer == "penultimate"
+    assert v1.scale_factor == 0.18215 and (v1.linear_start, v1.linear_end, v1.timesteps) == (0.00085, 0.012, 1000)
+
+
+def test_configs_are_frozen_and_hashable():
+    cfg = load_config(ORIGINAL[0])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.scale_factor = 1.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.unet.model_channels = 1
+    assert hash(cfg) == hash(load_config(ORIGINAL[0])) and cfg == load_config(ORIGINAL[0])
+    assert isinstance(cfg, LatentDiffusionConfig)
+
+
+def _write_variant(tmp_path, old, new, count=1):
+    text = (ROOT / "tests" / "configs" / "tiny-v1.yaml").read_text()
+    assert text.count(old) == count, old
+    path = tmp_path / "variant.yaml"
+    path.write_text(text.replace(old, new))
+    return path
+
+
+@pytest.mark.parametrize("old, new, field", [
+    ("        num_res_blocks: 1\n        channel_mult", "        num_res_block: 1\n        channel_mult",
+     "model.params.unet_config.params.'num_res_block'"),
+    ("    scale_factor: 0.18215", "    scale_facter: 0.18215", "model.params.'scale_facter'"),
+    ("          z_channels: 4", "          z_channel: 4", "model.params.first_stage_config.params.ddconfig.'z_channel'"),
+    ("          hidden_size: 32", "          hidden_sise: 32",
+     "model.params.cond_stage_config.params.text_config.'hidden_sise'"),
+    ("  base_learning_rate: 1.0e-04", "  base_lr: 1.0e-04", "model.'base_lr'"),
+    ("    unet_config:\n      target", "    unet_config:\n      tagret", "model.params.unet_config.'tagret'"),
+])
+def test_misspelled_field_names_the_field_and_the_file(tmp_path, old, new, field):
+    path = _write_variant(tmp_path, old, new)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert field in str(info.value) and str(path) in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("old, new, where", [
+    ("ldm.modules.diffusionmodules.openaimodel.UNetModel", "ldm.modules.diffusionmodules.openaimodel.UNetModle",
+     "model.params.unet_config.target"),
+    ("ldm.models.autoencoder.AutoencoderKL", "ldm.models.autoencoder.VQModel", "model.params.first_stage_config.target"),
+    ("ldm.modules.encoders.modules.FrozenCLIPEmbedder", "ldm.modules.encoders.modules.FrozenT5Embedder",
+     "model.params.cond_stage_config.target"),
+    ("ldm.models.diffusion.ddpm.LatentDiffusion", "ldm.models.diffusion.ddpm.DDPM", "model.target"),
+])
+def test_unknown_target_names_the_target_and_the_file(tmp_path, old, new, where):
+    path = _write_variant(tmp_path, old, new)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert where in str(info.value) and new in str(info.value) and str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("        num_heads: 2", "        num_heads: two", "num_heads must be of type int"),
+    ("        attention_resolutions: [ 1, 2 ]", "        attention_resolutions: 2", "attention_resolutions must be a list"),
+    ("        in_channels: 4\n", "", "missing required field model.params.unet_config.params.in_channels"),
+    ("    conditioning_key: crossattn", "    conditioning_key: concat", "unsupported value model.params.conditioning_key"),
+    ("    linear_start", "    parameterization: x0\n    linear_start", "unsupported value model.params.parameterization"),
+    ("    linear_start", "    beta_schedule: cosine\n    linear_start", "unsupported value model.params.beta_schedule"),
+    ("    scale_factor: 0.18215", "    scale_factor: 0.18215\n    finetune_keys: null", "only accepted by"),
+    ("      params:\n        text_config:", "      params:\n        embed_dim: 32\n        text_config:",
+     "embed_dim is not accepted by target ldm.modules.encoders.modules.FrozenCLIPEmbedder"),
+    ("      params:\n        text_config:", "      params:\n        layer: penultimate\n        text_config:",
+     "layer='penultimate' must be one of"),
+    ("        num_heads: 2\n", "", "needs num_heads or num_head_channels"),
+])
+def test_bad_values_are_clear_errors(tmp_path, old, new, message):
+    path = _write_variant(tmp_path, old, new)
+    with pytest.raises(ConfigError, match=None) as info:
+        load_config(path)
+    assert message in str(info.value) and str(path) in str(info.value)
+
+
+def test_parse_config_without_a_file_and_bad_top_level():
+    data = _yaml(ROOT / "tests" / "configs" / "tiny-v2.yaml")
+    assert parse_config(data) == load_config(ROOT / "tests" / "configs" / "tiny-v2.yaml")
+    with pytest.raises(ConfigError, match="<config>: expected exactly one top-level section 'model'"):
+        parse_config({**data, "lightning": {}})
+    with pytest.raises(ConfigError, match="cannot read yaml"):
+        load_config(ROOT / "tests" / "configs" / "missing.yaml")
