@@ -48,10 +48,18 @@ class Tokens(NamedTuple):
 
 @functools.lru_cache(maxsize=1)
 def _open_clip_tokenizer():
-    # lazy: importing open_clip also imports torchvision (seconds), and building a model needs no tokenizer
-    from open_clip.tokenizer import SimpleTokenizer
+    # open_clip's tokenizer module has no package-relative imports, so it is loaded by itself: importing the
+    # open_clip package would also import torchvision and timm (several seconds per process) for nothing.
+    import importlib.util
 
-    tokenizer = SimpleTokenizer()
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("open-clip-torch is required for tokenization (pip install open-clip-torch)")
+    path = next(iter(spec.submodule_search_locations)) + "/tokenizer.py"
+    module_spec = importlib.util.spec_from_file_location("_ldm_open_clip_tokenizer", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    tokenizer = module.SimpleTokenizer()
     if (tokenizer.sot_token_id, tokenizer.eot_token_id, tokenizer.vocab_size) != (SOT, EOT, 49408):
         raise RuntimeError("open_clip's bundled BPE vocabulary is not the 49408-entry CLIP vocabulary")
     return tokenizer
