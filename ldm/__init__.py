@@ -1,3 +1,6 @@
 """ldm: a small, numerically faithful reimplementation of latent diffusion (Stable Diffusion v1 and v2)."""
 
+from ldm.loader import load_model
+
 __version__ = "0.1.0"
+__all__ = ["load_model", "__version__"]

@@ -1,0 +1,347 @@
+"""Reading checkpoint files into {key: tensor} without running code from them and without copying weights.
+
+Formats (detected from the first bytes, not the suffix):
+- torch's zip format (torch.save default since 1.6; every released SD .ckpt): `<dir>/data.pkl` plus one
+  uncompressed record `<dir>/data/<key>` per storage, referenced from the pickle by persistent ids
+  ("storage", storage type, key, location, numel) (torch/serialization.py `_load`);
+- torch's legacy format (`_use_new_zipfile_serialization=False`): magic, protocol and sys-info pickles, the
+  main pickle, a pickled list of storage keys, then per storage an int64 element count and the raw bytes
+  (torch/serialization.py `_legacy_load`);
+- a plain pickle (no tensors: torch never writes one; read so a hostile one is refused, not run);
+- `.safetensors`, through safetensors' `safe_open` (its own memory map).
+
+Why our own unpickler (pickle.Unpickler with find_class overridden, as the Python docs' "Restricting
+Globals") rather than `torch.load(weights_only=True, mmap=True)`: real SD checkpoints pickle a
+pytorch_lightning class and sometimes numpy scalars next to the weights. weights_only refuses those unless
+every such global is registered in advance under its exact name (add_safe_globals), which cannot cover the
+next Lightning or omegaconf class, and its refusal is a multi-paragraph message. Our allowlist is one table
+(ALLOWED_GLOBALS) that can be read end to end: `find_class` is the only way a pickle reaches Python objects,
+and ours returns only (a) our own tensor-rebuild functions, (b) plain containers and number types, (c) torch
+dtypes and storage-type markers, or (d) inert `Placeholder` classes for globals of data-only libraries
+(INERT_MODULES). Anything else, e.g. os.system, builtins.eval, subprocess.Popen, functools.partial, is
+refused by name before it exists; nothing is ever imported from a name found in a file.
+
+Memory: every storage record is memory-mapped on its own (copy-on-write, so in-place edits never reach the
+file) and tensors are views of those maps; pages are read when first touched and a map is released when
+its last tensor dies, so a loader that converts tensor by tensor never holds the whole file twice.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import builtins
+import collections
+import io
+import mmap
+import os
+import pickle
+import struct
+import zipfile
+from pathlib import Path
+
+import torch
+
+
+class CheckpointError(Exception):
+    """A file that cannot be read as a checkpoint; the message is one line naming the path."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = str(path)
+        super().__init__(f"{path}: {' '.join(str(reason).split())}")
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The pickle references a global that could run code; it was refused and never called."""
+
+
+class Placeholder:
+    """Inert stand-in for an object of a class we do not import (e.g. a Lightning callback, a numpy scalar).
+
+    The unpickler may call the class (REDUCE, NEWOBJ), set its state (BUILD) and fill it (APPENDS, SETITEMS);
+    all of that is only recorded here, nothing of the original class is imported or run.
+    """
+
+    qualname = "?"  # "module.Name" of the original; set on each generated subclass
+
+    def __new__(cls, *args, **kwargs):
+        self = object.__new__(cls)
+        self.args, self.kwargs, self.state, self.items = args, kwargs, None, []
+        return self
+
+    def __init__(self, *args, **kwargs):  # arguments were recorded by __new__
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def append(self, item):
+        self.items.append(item)
+
+    def extend(self, items):
+        self.items.extend(items)
+
+    def __setitem__(self, key, value):
+        self.items.append((key, value))
+
+    def __repr__(self):
+        return f"<inert {self.qualname}>"
+
+
+_PLACEHOLDERS: dict[str, type] = {}
+
+
+def placeholder_class(qualname: str) -> type:
+    """The (cached) inert class standing for `qualname`; it is hashable, so it can be a dict key as
+    Lightning's `callbacks` dict uses the callback class."""
+    if qualname not in _PLACEHOLDERS:
+        _PLACEHOLDERS[qualname] = type(qualname.rsplit(".", 1)[-1], (Placeholder,), {"qualname": qualname})
+    return _PLACEHOLDERS[qualname]
+
+
+# Modules whose globals become inert placeholders: libraries of data classes that training checkpoints
+# pickle next to the weights (Lightning callbacks/hparams, numpy scalars and dtypes, omegaconf configs,
+# argparse Namespaces, paths). Nothing is imported from them, so even a function name there stays inert.
+INERT_MODULES = ("pytorch_lightning", "lightning", "lightning_fabric", "numpy", "omegaconf", "argparse",
+                 "pathlib", "typing")
+
+# torch.save names a storage's element type by its legacy class, e.g. GLOBAL 'torch FloatStorage'.
+STORAGE_DTYPES = {
+    "DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool, "ComplexFloatStorage": torch.complex64, "ComplexDoubleStorage": torch.complex128,
+    "UntypedStorage": torch.uint8,
+}
+TORCH_DTYPES = {str(d).removeprefix("torch."): d for d in STORAGE_DTYPES.values()}
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch/serialization.py MAGIC_NUMBER
+
+
+class _StorageType:
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+
+class _Storage:
+    """One storage record: its element type and a uint8 view of its bytes (None during the legacy dry run)."""
+
+    def __init__(self, dtype: torch.dtype, numel: int, data: torch.UntypedStorage | None):
+        self.dtype, self.numel, self.data = dtype, numel, data
+
+
+def _map_region(f, path, offset: int, nbytes: int) -> torch.UntypedStorage:
+    """A copy-on-write memory map of file bytes [offset, offset + nbytes) as an untyped storage."""
+    if offset + nbytes > os.fstat(f.fileno()).st_size:
+        raise CheckpointError(path, f"truncated: a storage needs bytes up to {offset + nbytes}")
+    if nbytes == 0:
+        return torch.UntypedStorage(0)
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY  # mmap offsets must be page aligned
+    region = mmap.mmap(f.fileno(), offset + nbytes - start, access=mmap.ACCESS_COPY, offset=start)
+    # frombuffer keeps `region` alive for as long as the storage lives; the map closes with it
+    return torch.frombuffer(region, dtype=torch.uint8, count=nbytes, offset=offset - start).untyped_storage()
+
+
+def _encode_latin1(text, encoding="latin1"):
+    # protocol-2 pickles spell a bytes object as _codecs.encode(str, "latin1"); allow exactly that
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("_codecs.encode is only allowed for latin1 text")
+    return text.encode("latin1")
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride):
+    if not (isinstance(storage, _Storage) and isinstance(size, tuple) and isinstance(stride, tuple)
+            and len(size) == len(stride)
+            and all(isinstance(v, int) and v >= 0 for v in (storage_offset, *size, *stride))):
+        raise pickle.UnpicklingError("malformed tensor record")
+    # index of the last element + 1 must lie inside the storage
+    needed = 0 if 0 in size else storage_offset + 1 + sum((n - 1) * s for n, s in zip(size, stride))
+    if needed > storage.numel:
+        raise pickle.UnpicklingError(f"tensor of size {list(size)} overruns its storage ({storage.numel})")
+    if storage.data is None:
+        return torch.empty_strided(size, stride, dtype=storage.dtype, device="meta")
+    return torch.empty(0, dtype=storage.dtype).set_(storage.data, storage_offset, size, stride)
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
+                       metadata=None):
+    # requires_grad, hooks and python attributes are training state: dropped, the loader sets its own
+    return _rebuild_tensor(storage, storage_offset, size, stride)
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
+    if not isinstance(data, torch.Tensor):
+        raise pickle.UnpicklingError("malformed parameter record")
+    return data  # a plain tensor: the loader assigns it into the model's own Parameter
+
+
+# The allowlist: (module, name) as the pickle spells it -> what the unpickler gets. Everything here only
+# builds values from data: our tensor rebuilders, containers and number types (never eval, getattr, open),
+# dtypes and storage-type markers.
+ALLOWED_GLOBALS = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch", "Size"): torch.Size,
+    ("_codecs", "encode"): _encode_latin1,
+    **{("builtins", name): getattr(builtins, name)
+       for name in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "complex", "bool", "bytes")},
+    **{("torch", name): _StorageType(dtype) for name, dtype in STORAGE_DTYPES.items()},
+    ("torch.storage", "UntypedStorage"): _StorageType(torch.uint8),
+    **{("torch", name): dtype for name, dtype in TORCH_DTYPES.items()},
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """pickle.Unpickler whose find_class answers from ALLOWED_GLOBALS and INERT_MODULES only. `storage`
+    maps (key, dtype, numel) to a _Storage; None for a plain pickle, which may not reference storages."""
+
+    def __init__(self, file, path, storage=None):
+        super().__init__(file)
+        self.path, self.storage = path, storage
+
+    def find_class(self, module, name):
+        # protocols < 3 spell some globals by their Python 2 names (__builtin__.eval, commands.Popen);
+        # translate as pickle's own find_class does, so the allowlist and the messages use Python 3 names
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        allowed = ALLOWED_GLOBALS.get((module, name))
+        if allowed is not None:
+            return allowed
+        if module.split(".")[0] in INERT_MODULES:
+            return placeholder_class(f"{module}.{name}")
+        raise UnsafeCheckpointError(
+            self.path, f"refusing to load: the pickle references the global '{module}.{name}', which is not "
+            "on the allowlist and could run code; it was not called")
+
+    def persistent_load(self, pid):
+        if self.storage is None:
+            raise pickle.UnpicklingError("a plain pickle cannot reference tensor storages")
+        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] in ("storage", b"storage")
+                and isinstance(pid[1], _StorageType) and isinstance(pid[4], int)):
+            raise pickle.UnpicklingError(f"unsupported persistent id {str(pid)[:80]}")
+        key = pid[2].decode("ascii") if isinstance(pid[2], bytes) else str(pid[2])
+        if len(pid) > 5 and pid[5] is not None:  # legacy storage views (torch < 0.4)
+            raise pickle.UnpicklingError("legacy storage views are not supported")
+        return self.storage(key, pid[1].dtype, pid[4])
+
+
+def _read_zip(f, path):
+    archive = zipfile.ZipFile(f)
+    pickles = [n for n in archive.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
+    if len(pickles) != 1:
+        what = "a TorchScript archive" if any(n.endswith("constants.pkl") for n in archive.namelist()) \
+            else "a zip file without exactly one <dir>/data.pkl"
+        raise CheckpointError(path, f"not a torch checkpoint ({what})")
+    root = pickles[0][: -len("data.pkl")]
+    if root + "byteorder" in archive.namelist() and archive.read(root + "byteorder") != b"little":
+        raise CheckpointError(path, "big-endian checkpoints are not supported")
+    storages = {}
+
+    def storage(key, dtype, numel):
+        if key not in storages:
+            info = archive.getinfo(f"{root}data/{key}")  # KeyError -> "cannot read" below
+            nbytes = numel * dtype.itemsize
+            if info.compress_type != zipfile.ZIP_STORED or info.file_size < nbytes:
+                raise CheckpointError(path, f"storage record {info.filename} is compressed or too short")
+            # data starts after the local header (30 bytes) + name + extra field, whose lengths may differ
+            # from the central directory's copy
+            f.seek(info.header_offset)
+            header = f.read(30)
+            if header[:4] != b"PK\x03\x04":
+                raise CheckpointError(path, f"corrupt zip local header for {info.filename}")
+            name_len, extra_len = struct.unpack("<HH", header[26:30])
+            offset = info.header_offset + 30 + name_len + extra_len
+            storages[key] = _Storage(dtype, numel, _map_region(f, path, offset, nbytes))
+        return storages[key]
+
+    return RestrictedUnpickler(io.BytesIO(archive.read(pickles[0])), path, storage).load()
+
+
+def _read_legacy(f, path):
+    # Storage bytes follow the main pickle, so a dry run (meta tensors) finds where each one starts, then a
+    # second pass maps them; both passes go through the same restricted unpickler.
+    def skip_header():
+        f.seek(0)
+        _magic, _protocol, sys_info = (RestrictedUnpickler(f, path).load() for _ in range(3))
+        if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
+            raise CheckpointError(path, "big-endian checkpoints are not supported")
+
+    numels = {}
+
+    def dry_storage(key, dtype, numel):
+        numels[key] = (dtype, numel)
+        return _Storage(dtype, numel, None)
+
+    skip_header()
+    RestrictedUnpickler(f, path, dry_storage).load()
+    keys = RestrictedUnpickler(f, path).load()
+    offsets, position = {}, f.tell()
+    for key in keys:
+        f.seek(position)
+        (count,) = struct.unpack("<q", f.read(8))
+        dtype, numel = numels[str(key)]
+        if count != numel:
+            raise CheckpointError(path, f"storage {key} holds {count} elements, the pickle says {numel}")
+        offsets[str(key)] = position + 8
+        position += 8 + numel * dtype.itemsize
+    storages = {}
+
+    def storage(key, dtype, numel):
+        if key not in storages:
+            storages[key] = _Storage(dtype, numel, _map_region(f, path, offsets[key], numel * dtype.itemsize))
+        return storages[key]
+
+    skip_header()
+    return RestrictedUnpickler(f, path, storage).load()
+
+
+def _read_safetensors(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:  # tensors are views of its memory map
+        return {key: f.get_tensor(key) for key in f.keys()}
+
+
+def read_checkpoint(path: str | os.PathLike):
+    """The object stored in a checkpoint file (usually a dict), tensors memory-mapped on CPU.
+
+    Raises CheckpointError (one line naming the path) for a missing, truncated or foreign file, and its
+    subclass UnsafeCheckpointError for a pickle that references a global that could run code.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "checkpoint not found" if not path.exists() else "not a regular file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+            if len(head) < 9:
+                raise CheckpointError(path, f"not a checkpoint (only {len(head)} bytes)")
+            if head[:4] == b"PK\x03\x04":
+                return _read_zip(f, path)
+            if head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < path.stat().st_size:
+                return _read_safetensors(path)
+            f.seek(0)  # else a pickle (protocol 0 and 1 ones have no PROTO opcode to recognise them by)
+            first = RestrictedUnpickler(f, path).load()
+            if isinstance(first, int) and first == LEGACY_MAGIC:
+                return _read_legacy(f, path)
+            return first  # a plain pickle: its single object
+    except CheckpointError:
+        raise
+    except Exception as err:  # truncated zip, bad pickle opcodes, safetensors header errors, ...
+        raise CheckpointError(path, f"cannot read checkpoint ({type(err).__name__}: {err})") from err
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The flat {key: tensor} of a checkpoint: the Lightning `state_dict` entry when present (.ckpt),
+    else the top-level dict (safetensors, bare state dicts)."""
+    obj = read_checkpoint(path)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(path, f"not a state dict (the file holds a {type(obj).__name__})")
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(path, f"not a state dict (entry {key!r} is a {type(value).__name__})")
+    return dict(obj)

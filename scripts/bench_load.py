@@ -1,0 +1,212 @@
+"""Load-time and peak-memory benchmark of ldm.load_model on a synthetic FULL-SIZE checkpoint.
+
+Writes a random checkpoint in the original SD layout for a config (default v1-inference: raw UNet +
+model_ema.* + VAE + CLIP text encoder + schedule buffers, fp32, ~7.7 GB; `--layout pruned` drops
+model_ema.<param> as EMA-only releases do, ~4.3 GB), then loads it in a FRESH subprocess and reports
+
+- load time (ldm.load_model) and the time to touch every weight once afterwards (the parameters are lazily
+  memory-mapped, so a first forward pass would pay that),
+- peak RSS (VmHWM) against the bytes of the weights the model actually holds (ratio; goal <= 1.3, ideally
+  1.1), also with the interpreter + torch baseline subtracted.
+
+Not part of the test suite. Heavy: run it once, not in a loop. Example:
+    .venv/bin/python scripts/bench_load.py                 # temp dir, deleted afterwards
+    .venv/bin/python scripts/bench_load.py --path /tmp/sd-v1-synthetic.ckpt --keep
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without `pip install -e .`
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _status(field: str) -> int:
+    """A /proc/self/status memory field in bytes (VmRSS, VmHWM, RssFile, RssAnon)."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _io_read_bytes() -> int:
+    for line in open("/proc/self/io"):
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+    return -1
+
+
+def write_checkpoint(config: Path, path: Path, layout: str, file_dtype: str) -> dict:
+    """A random checkpoint with the original keys/shapes (those of test_manifests.py). Cheap to make: every
+    tensor is its own storage over a window of ONE 160 MB random block (torch.save writes each storage
+    separately), so the writer never holds more than that block however large the file."""
+    import numpy as np
+    import torch
+
+    from ldm.config import load_config
+    from ldm.loader import SCHEDULE_KEYS, UNET, ema_key
+    from ldm.models.latent_diffusion import build_model
+    from ldm.schedules import alphas_cumprod_from_betas, make_beta_schedule
+
+    cfg = load_config(config)
+    model = build_model(cfg, device="meta")
+    dtype = getattr(torch, file_dtype)
+    shapes = {key: tuple(t.shape) for key, t in model.state_dict().items()}
+    parameters = {name for name, _ in model.named_parameters()}
+    if layout == "full":
+        shapes.update({ema_key(k): s for k, s in list(shapes.items()) if k.startswith(UNET) and k in parameters})
+    if not cfg.cond_stage.is_openclip and not any(k.endswith("position_ids") for k in shapes):
+        positions = cfg.cond_stage.text_config.max_position_embeddings
+        shapes["cond_stage_model.transformer.text_model.embeddings.position_ids"] = (1, positions)
+
+    largest = max(int(np.prod(s)) for s in shapes.values())
+    block = torch.from_numpy(np.random.default_rng(0).standard_normal(largest + 4096, dtype=np.float32)).to(dtype)
+    block_bytes = block.view(torch.uint8).numpy()  # a buffer torch.frombuffer can wrap again and again
+    state, start = {}, 0
+    for key, shape in shapes.items():
+        if key.endswith("position_ids"):
+            state[key] = torch.arange(shape[-1], dtype=torch.int64).reshape(shape)
+            continue
+        numel = int(np.prod(shape))
+        start = (start + 4099) % (largest + 4096 - numel + 1)  # a different window for every tensor
+        tensor = torch.frombuffer(block_bytes, dtype=dtype, count=numel, offset=start * dtype.itemsize)
+        state[key] = tensor.reshape(shape)
+    betas = make_beta_schedule(cfg.timesteps, cfg.linear_start, cfg.linear_end)
+    alphas_cumprod = alphas_cumprod_from_betas(betas)
+    prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+    variance = betas * (1 - prev) / (1 - alphas_cumprod)
+    schedule = {  # ddpm.py register_schedule (v_posterior 0)
+        "betas": betas, "alphas_cumprod": alphas_cumprod, "alphas_cumprod_prev": prev,
+        "sqrt_alphas_cumprod": alphas_cumprod.sqrt(), "sqrt_one_minus_alphas_cumprod": (1 - alphas_cumprod).sqrt(),
+        "log_one_minus_alphas_cumprod": (1 - alphas_cumprod).log(),
+        "sqrt_recip_alphas_cumprod": (1 / alphas_cumprod).sqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1 / alphas_cumprod - 1).sqrt(),
+        "posterior_variance": variance, "posterior_log_variance_clipped": variance.clamp(min=1e-20).log(),
+        "posterior_mean_coef1": betas * prev.sqrt() / (1 - alphas_cumprod),
+        "posterior_mean_coef2": (1 - prev) * (1 - betas).sqrt() / (1 - alphas_cumprod),
+    }
+    state.update({k: schedule[k].to(dtype) for k in SCHEDULE_KEYS})
+    state["model_ema.decay"] = torch.tensor(0.9999, dtype=torch.float32)
+    state["model_ema.num_updates"] = torch.tensor(0, dtype=torch.int32)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))  # copies into one buffer: needs the file size in memory
+    else:
+        torch.save({"state_dict": state, "global_step": 0, "epoch": 0}, path)
+    return {"file_bytes": path.stat().st_size, "file_keys": len(state)}
+
+
+def drop_page_cache(path: Path) -> None:
+    """Evict this file's pages only (others' caches untouched), so the load reads from disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def child(config: str, ckpt: str, dtype: str, ema: bool) -> dict:
+    """Runs in the fresh subprocess: load, touch every weight, measure."""
+    import torch
+
+    import ldm
+
+    baseline_rss, baseline_hwm = _status("VmRSS"), _status("VmHWM")
+    read0 = _io_read_bytes()
+    start = time.perf_counter()
+    model = ldm.load_model(config, ckpt, dtype=getattr(torch, dtype), ema=ema)
+    load_s = time.perf_counter() - start
+    rss_after_load = _status("VmRSS")
+    start = time.perf_counter()
+    with torch.no_grad():  # read every page once, as a forward pass would
+        checksum = sum(float(t.sum()) for t in model.state_dict().values())  # no temporaries
+    touch_s = time.perf_counter() - start
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    peak = _status("VmHWM")
+    return {
+        "load_s": load_s, "touch_s": touch_s, "weight_bytes": weight_bytes,
+        "baseline_rss": baseline_rss, "baseline_peak": baseline_hwm, "rss_after_load": rss_after_load,
+        "rss_after_touch": _status("VmRSS"), "rss_file": _status("RssFile"), "rss_anon": _status("RssAnon"),
+        "peak_rss": peak, "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "disk_read_bytes": _io_read_bytes() - read0, "checksum_finite": math.isfinite(checksum),
+        "ratio": peak / weight_bytes, "ratio_minus_baseline": (peak - baseline_rss) / weight_bytes,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(ROOT / "configs/stable-diffusion/v1-inference.yaml"))
+    parser.add_argument("--path", help="checkpoint to write (.ckpt or .safetensors); default: a temp dir")
+    parser.add_argument("--layout", choices=["full", "pruned"], default="full")
+    parser.add_argument("--file-dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype to load as")
+    parser.add_argument("--no-ema", action="store_true")
+    parser.add_argument("--reuse", action="store_true", help="use an existing --path instead of writing it")
+    parser.add_argument("--warm", action="store_true", help="keep the file in the page cache before loading")
+    parser.add_argument("--keep", action="store_true", help="keep the written file")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.config, args.path, args.dtype, not args.no_ema)))
+        return
+
+    tmp = None if args.path else tempfile.TemporaryDirectory(prefix="bench_load-")
+    path = Path(args.path) if args.path else Path(tmp.name) / "synthetic.ckpt"
+    try:
+        result = {"config": args.config, "layout": args.layout, "file_dtype": args.file_dtype,
+                  "dtype": args.dtype, "ema": not args.no_ema, "path": str(path)}
+        if not (args.reuse and path.exists()):
+            start = time.perf_counter()
+            result.update(write_checkpoint(Path(args.config), path, args.layout, args.file_dtype))
+            result["write_s"] = time.perf_counter() - start
+        else:
+            result["file_bytes"] = path.stat().st_size
+        if not args.warm:
+            drop_page_cache(path)
+        result["cache"] = "warm" if args.warm else "cold"
+        command = [sys.executable, __file__, "--child", "--config", args.config, "--path", str(path),
+                   "--dtype", args.dtype] + (["--no-ema"] if args.no_ema else [])
+        out = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+        result.update(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        if tmp is not None and not args.keep:
+            tmp.cleanup()
+        elif not args.keep and not args.reuse and path.exists():
+            path.unlink()
+
+    gb = lambda n: f"{n / 1e9:.2f} GB"
+    rows = [
+        ("file", f"{gb(result['file_bytes'])} ({result['layout']}, {result['file_dtype']}, {result['cache']} cache)"),
+        ("weights loaded", gb(result["weight_bytes"])),
+        ("load_model time", f"{result['load_s']:.2f} s"),
+        ("touch-all time", f"{result['touch_s']:.2f} s"),
+        ("baseline RSS (python+torch)", gb(result["baseline_rss"])),
+        ("RSS after load_model", gb(result["rss_after_load"])),
+        ("peak RSS (VmHWM)", gb(result["peak_rss"])),
+        ("peak / weights", f"{result['ratio']:.3f}"),
+        ("(peak - baseline) / weights", f"{result['ratio_minus_baseline']:.3f}"),
+        ("read from disk", gb(result["disk_read_bytes"])),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
