@@ -17,8 +17,8 @@ from tiny_models import (  # tests/ is on sys.path under pytest's default (prepe
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-# Key -> shape manifests of the real checkpoints (see their README); a committed copy wins over the shared one.
-MANIFEST_DIRS = (ROOT / "tests" / "fixtures" / "manifests", Path("/work/shared/manifests"))
+# Key -> shape manifests of the real checkpoints (see their README): shared/ lies beside the checkout.
+MANIFEST_DIRS = (ROOT.parent / "shared" / "manifests",)
 # Keys the original checkpoint stores that our model does not own (the loader accounts for them by name).
 EXTRA_NAMES = ("embeddings.position_ids", "model.logit_scale", "model.text_projection")
 
