@@ -1,0 +1,136 @@
+"""The sampler's view of a diffusion model: `denoiser(x, sigma, **extra_args) -> denoised`, in VE space.
+
+A Denoiser wraps a UNet trained on the discrete VP schedule (as k-diffusion external.py CompVisDenoiser /
+CompVisVDenoiser): the VE sample x at noise level sigma is the VP sample x * c_in at the timestep t(sigma),
+and the UNet's eps or v output is turned into the denoised estimate
+
+    eps:  denoised = x + c_out * eps                  c_out = -sigma,               c_in = 1 / sqrt(sigma^2 + 1)
+    v:    denoised = c_skip * x + c_out * v           c_skip = 1 / (sigma^2 + 1),   c_out = -sigma / sqrt(sigma^2 + 1)
+
+so no sampler ever branches on the parameterization. CFGDenoiser wraps any denoiser with classifier-free
+guidance (Ho & Salimans 2022): one batched call on [uncond, cond], then uncond + scale * (cond - uncond).
+Guidance on `denoised` equals the originals' guidance on eps or v, since denoised is affine in the UNet
+output with the same x for both halves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ldm import schedules
+
+PARAMETERIZATIONS = ("eps", "v")
+
+
+def append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """(B,) -> (B, 1, ..., 1) with `ndim` dimensions in all, to broadcast per-sample scalars."""
+    return v[(...,) + (None,) * (ndim - v.ndim)]
+
+
+class Denoiser:
+    """eps- or v-prediction UNet -> VE denoiser.
+
+    unet_fn(x, t, context) is called as model.unet: x the VP input (with `c_concat` appended along the
+    channels for the inpainting "hybrid" conditioning, as the original DiffusionWrapper), t float timesteps
+    of shape (B,), context the cross-attention conditioning passed as extra argument `cond`.
+
+    Timesteps: by default the FRACTIONAL timestep of sigma by log-sigma interpolation of the discrete
+    schedule (CompVisDenoiser); `quantize` rounds to the nearest training timestep; interpolation="log_alpha"
+    is the continuous-time mapping of Stability's DPM-Solver (log alpha linear between timesteps).
+    """
+
+    def __init__(self, unet_fn: Callable, alphas_cumprod: torch.Tensor, parameterization: str = "eps",
+                 quantize: bool = False, interpolation: str = "log_sigma"):
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"unknown parameterization {parameterization!r}; valid: {', '.join(PARAMETERIZATIONS)}")
+        if interpolation not in schedules.INTERPOLATIONS:
+            raise ValueError(f"unknown interpolation {interpolation!r}; valid: {', '.join(schedules.INTERPOLATIONS)}")
+        self.unet_fn = unet_fn
+        self.alphas_cumprod = alphas_cumprod
+        self.parameterization = parameterization
+        self.quantize = quantize
+        self.interpolation = interpolation
+        self.sigmas = schedules.discrete_sigmas(alphas_cumprod)  # ascending in t, float32, CPU
+
+    def replace(self, **changes) -> Denoiser:
+        """A copy with other timestep options (quantize, interpolation); the sampler registry uses it to
+        hand the UNet exactly the timesteps of the original samplers."""
+        options = dict(parameterization=self.parameterization, quantize=self.quantize,
+                       interpolation=self.interpolation)
+        options.update(changes)
+        return Denoiser(self.unet_fn, self.alphas_cumprod, **options)
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        return schedules.sigma_to_t(sigma, self.sigmas, self.quantize, self.interpolation)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond=None,
+                 c_concat: torch.Tensor | None = None) -> torch.Tensor:
+        t = self.sigma_to_t(sigma.reshape(-1)).to(device=x.device, dtype=torch.float32)
+        sigma = append_dims(sigma.to(x), x.ndim)
+        c_in = 1 / (sigma**2 + 1) ** 0.5
+        x_in = x * c_in
+        if c_concat is not None:
+            x_in = torch.cat([x_in, c_concat.to(x_in)], dim=1)
+        out = self.unet_fn(x_in, t, cond)
+        if self.parameterization == "eps":
+            return x + out * -sigma
+        c_skip, c_out = 1 / (sigma**2 + 1), -sigma * c_in
+        return out * c_out + x * c_skip
+
+
+def _double(value):
+    """[value, value] along the batch, for extra arguments shared by both halves of a CFG batch."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return {k: _double(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_double(v) for v in value)
+    return torch.cat([value, value])
+
+
+def _pair(uncond, cond):
+    """[uncond, cond] along the batch (tensors, or dicts / lists of them as in ddim.py p_sample_ddim)."""
+    if isinstance(cond, dict):
+        return {k: _pair(uncond[k], cond[k]) for k in cond}
+    if isinstance(cond, (list, tuple)):
+        return type(cond)(_pair(u, c) for u, c in zip(uncond, cond))
+    return torch.cat([uncond, cond])
+
+
+class CFGDenoiser:
+    """Classifier-free guidance around a denoiser: uncond + scale * (cond - uncond).
+
+    `cond` / `uncond` are given at construction or per call (a call's value wins). As the originals
+    (ddim.py p_sample_ddim, dpm_solver.py model_wrapper) the two branches run as ONE batch in the order
+    [uncond, cond], and scale 1 (or no uncond) skips the unconditional branch. Other extra arguments
+    (e.g. c_concat) are shared by both halves.
+    """
+
+    def __init__(self, denoiser, scale: float = 1.0, *, cond=None, uncond=None):
+        self.denoiser, self.scale, self.cond, self.uncond = denoiser, scale, cond, uncond
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.denoiser.alphas_cumprod
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        return self.denoiser.sigmas
+
+    def replace(self, **changes) -> CFGDenoiser:
+        return CFGDenoiser(self.denoiser.replace(**changes), self.scale, cond=self.cond, uncond=self.uncond)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond=None, uncond=None, **extra_args):
+        cond = self.cond if cond is None else cond
+        uncond = self.uncond if uncond is None else uncond
+        if self.scale == 1.0 or uncond is None:
+            if self.scale != 1.0:
+                raise ValueError(f"guidance scale {self.scale} needs an unconditional conditioning")
+            return self.denoiser(x, sigma, cond=cond, **extra_args)
+        extra = {k: _double(v) for k, v in extra_args.items()}
+        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), cond=_pair(uncond, cond), **extra)
+        denoised_uncond, denoised_cond = both.chunk(2)
+        return denoised_uncond + self.scale * (denoised_cond - denoised_uncond)

@@ -1,0 +1,321 @@
+"""The k-diffusion samplers (k-diffusion 0.1.1 sampling.py, Karras et al. 2022 notation), default options.
+
+All integrate the probability-flow ODE dx/dsigma = d = (x - denoised) / sigma or its SDE variants on a VE
+sigma list ending in 0. Churn (s_churn, s_tmin, s_tmax, s_noise) is left out: its defaults switch it off.
+The ancestral samplers step deterministically down to sigma_down, then add noise of std sigma_up
+(get_ancestral_step, eta 1). Noise comes from `generator` through a noise sampler (sigma, sigma_next) ->
+N(0, I); the SDE samplers default to BrownianNoise, equal in law to k-diffusion's Brownian tree.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ldm.samplers.noise import BrownianNoise, default_noise_sampler
+
+
+def to_d(x, sigma, denoised):
+    """The ODE derivative dx/dsigma = (x - denoised) / sigma (Karras et al. 2022, eq. 4 with s = 1)."""
+    return (x - denoised) / sigma
+
+
+def get_ancestral_step(sigma, sigma_next, eta=1.0):
+    """Split a step sigma -> sigma_next into a deterministic part to sigma_down and fresh noise sigma_up,
+    with sigma_down^2 + sigma_up^2 = sigma_next^2 (for eta 1, the DDPM posterior)."""
+    if not eta:
+        return sigma_next, 0.0
+    sigma_up = min(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
+    sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+    return sigma_down, sigma_up
+
+
+def _info(x, i, sigma, denoised):
+    return {"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised}
+
+
+@torch.no_grad()
+def sample_euler(denoiser, x, sigmas, *, extra_args=None, callback=None):
+    """Euler steps (Karras et al. 2022, Algorithm 2 without churn and without the Heun correction)."""
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = denoiser(x, sigmas[i] * s_in, **extra_args)
+        if callback is not None:
+            callback(_info(x, i, sigmas[i], denoised))
+        x = x + to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
+    return x
+
+
+@torch.no_grad()
+def sample_euler_ancestral(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None,
+                           eta=1.0, noise_sampler=None):
+    """Euler step to sigma_down, then noise sigma_up."""
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = default_noise_sampler(x, generator) if noise_sampler is None else noise_sampler
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = denoiser(x, sigmas[i] * s_in, **extra_args)
+        sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        if callback is not None:
+            callback(_info(x, i, sigmas[i], denoised))
+        x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
+        if sigmas[i + 1] > 0:
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * sigma_up
+    return x
+
+
+@torch.no_grad()
+def sample_heun(denoiser, x, sigmas, *, extra_args=None, callback=None):
+    """Heun's second-order method (Karras et al. 2022, Algorithm 1); Euler on the final step to 0."""
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = denoiser(x, sigmas[i] * s_in, **extra_args)
+        if callback is not None:
+            callback(_info(x, i, sigmas[i], denoised))
+        d = to_d(x, sigmas[i], denoised)
+        dt = sigmas[i + 1] - sigmas[i]
+        if sigmas[i + 1] == 0:
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            d_2 = to_d(x_2, sigmas[i + 1], denoiser(x_2, sigmas[i + 1] * s_in, **extra_args))
+            x = x + (d + d_2) / 2 * dt
+    return x
+
+
+def _dpm2_step(denoiser, x, sigma, sigma_to, d, s_in, extra_args):
+    """DPM-Solver-2-like midpoint step: the derivative at the log-midpoint of [sigma, sigma_to]."""
+    sigma_mid = sigma.log().lerp(sigma_to.log(), 0.5).exp()
+    x_2 = x + d * (sigma_mid - sigma)
+    d_2 = to_d(x_2, sigma_mid, denoiser(x_2, sigma_mid * s_in, **extra_args))
+    return x + d_2 * (sigma_to - sigma)
+
+
+@torch.no_grad()
+def sample_dpm_2(denoiser, x, sigmas, *, extra_args=None, callback=None):
+    """Midpoint steps in log sigma ("inspired by DPM-Solver-2"); Euler on the final step to 0."""
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = denoiser(x, sigmas[i] * s_in, **extra_args)
+        if callback is not None:
+            callback(_info(x, i, sigmas[i], denoised))
+        d = to_d(x, sigmas[i], denoised)
+        if sigmas[i + 1] == 0:
+            x = x + d * (sigmas[i + 1] - sigmas[i])
+        else:
+            x = _dpm2_step(denoiser, x, sigmas[i], sigmas[i + 1], d, s_in, extra_args)
+    return x
+
+
+@torch.no_grad()
+def sample_dpm_2_ancestral(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None,
+                           eta=1.0, noise_sampler=None):
+    """dpm_2 midpoint step to sigma_down, then noise sigma_up (Euler, no noise, when sigma_down is 0)."""
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = default_noise_sampler(x, generator) if noise_sampler is None else noise_sampler
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = denoiser(x, sigmas[i] * s_in, **extra_args)
+        sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        if callback is not None:
+            callback(_info(x, i, sigmas[i], denoised))
+        d = to_d(x, sigmas[i], denoised)
+        if sigma_down == 0:
+            x = x + d * (sigma_down - sigmas[i])
+        else:
+            x = _dpm2_step(denoiser, x, sigmas[i], sigma_down, d, s_in, extra_args)
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * sigma_up
+    return x
+
+
+def linear_multistep_coeff(order, t, i, j):
+    """Integral over [t[i], t[i+1]] of the Lagrange basis polynomial of node t[i-j] on the nodes
+    t[i], ..., t[i-order+1]. k-diffusion integrates numerically (scipy quad); the integrand is a polynomial
+    of degree order-1, integrated here exactly, in the variable u = tau - t[i] for conditioning."""
+    if order - 1 > i:
+        raise ValueError(f"Order {order} too high for step {i}")
+    nodes = [t[i - k] - t[i] for k in range(order)]
+    coeffs = [1.0]  # polynomial in u, lowest degree first
+    for k in range(order):
+        if k != j:
+            denom = nodes[j] - nodes[k]
+            shifted = [0.0] + coeffs
+            coeffs = [(shifted[d] - nodes[k] * (coeffs[d] if d < len(coeffs) else 0.0)) / denom
+                      for d in range(len(shifted))]
+    h = t[i + 1] - t[i]
+    return sum(c * h ** (d + 1) / (d + 1) for d, c in enumerate(coeffs))
+
+
+@torch.no_grad()
+def sample_lms(denoiser, x, sigmas, *, extra_args=None, callback=None, order=4):
+    """Linear multistep (Adams-Bashforth in sigma, variable step) of up to `order` derivatives."""
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    sigmas_list = sigmas.detach().cpu().double().tolist()
+    ds = []
+    for i in range(len(sigmas) - 1):
+        denoised = denoiser(x, sigmas[i] * s_in, **extra_args)
+        ds = (ds + [to_d(x, sigmas[i], denoised)])[-order:]
+        if callback is not None:
+            callback(_info(x, i, sigmas[i], denoised))
+        cur_order = min(i + 1, order)
+        coeffs = [linear_multistep_coeff(cur_order, sigmas_list, i, j) for j in range(cur_order)]
+        x = x + sum(coeff * d for coeff, d in zip(coeffs, reversed(ds)))
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None,
+                              eta=1.0, noise_sampler=None):
+    """DPM-Solver++(2S) (Lu et al. 2022) single-step midpoint steps to sigma_down, then noise sigma_up.
+    In lambda = -log sigma: x_mid = (sigma_mid / sigma) x - expm1(-h/2) denoised, then
+    x = (sigma_down / sigma) x - expm1(-h) denoised(x_mid)."""
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = default_noise_sampler(x, generator) if noise_sampler is None else noise_sampler
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = denoiser(x, sigmas[i] * s_in, **extra_args)
+        sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        if callback is not None:
+            callback(_info(x, i, sigmas[i], denoised))
+        if sigma_down == 0:
+            x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
+        else:
+            t, t_next = -sigmas[i].log(), -sigma_down.log()
+            h = t_next - t
+            s = t + h / 2
+            x_2 = ((-s).exp() / (-t).exp()) * x - (-h / 2).expm1() * denoised
+            denoised_2 = denoiser(x_2, (-s).exp() * s_in, **extra_args)
+            x = ((-t_next).exp() / (-t).exp()) * x - (-h).expm1() * denoised_2
+        if sigmas[i + 1] > 0:
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * sigma_up
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_sde(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None, eta=1.0,
+                     noise_sampler=None, r=0.5):
+    """DPM-Solver++ (stochastic): two stochastic exponential-integrator stages per step, the second using
+    the denoised estimate at lambda + r h. Its two noises of a step overlap ([sigma, sigma_mid] and
+    [sigma, sigma_next]) and must be correlated as increments of one Brownian motion: BrownianNoise."""
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = BrownianNoise(x, generator) if noise_sampler is None else noise_sampler
+    s_in = x.new_ones([x.shape[0]])
+    sigma_fn, t_fn = (lambda t: t.neg().exp()), (lambda sigma: sigma.log().neg())
+    for i in range(len(sigmas) - 1):
+        denoised = denoiser(x, sigmas[i] * s_in, **extra_args)
+        if callback is not None:
+            callback(_info(x, i, sigmas[i], denoised))
+        if sigmas[i + 1] == 0:
+            x = x + to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
+            continue
+        t, t_next = t_fn(sigmas[i]), t_fn(sigmas[i + 1])
+        s = t + (t_next - t) * r
+        # stage 1: ancestral exponential step to lambda = s
+        sd, su = get_ancestral_step(sigma_fn(t), sigma_fn(s), eta)
+        s_ = t_fn(sd)
+        x_2 = (sigma_fn(s_) / sigma_fn(t)) * x - (t - s_).expm1() * denoised
+        x_2 = x_2 + noise_sampler(sigma_fn(t), sigma_fn(s)) * su
+        denoised_2 = denoiser(x_2, sigma_fn(s) * s_in, **extra_args)
+        # stage 2: ancestral exponential step to lambda = t_next with the mixed estimate
+        sd, su = get_ancestral_step(sigma_fn(t), sigma_fn(t_next), eta)
+        t_next_ = t_fn(sd)
+        denoised_d = (1 - 1 / (2 * r)) * denoised + 1 / (2 * r) * denoised_2
+        x = (sigma_fn(t_next_) / sigma_fn(t)) * x - (t - t_next_).expm1() * denoised_d
+        x = x + noise_sampler(sigma_fn(t), sigma_fn(t_next)) * su
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(denoiser, x, sigmas, *, extra_args=None, callback=None):
+    """DPM-Solver++(2M): multistep, the previous denoised estimate gives the second-order term; first
+    order on the first step and on the final step to 0."""
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    denoised_prev = None
+    for i in range(len(sigmas) - 1):
+        denoised = denoiser(x, sigmas[i] * s_in, **extra_args)
+        if callback is not None:
+            callback(_info(x, i, sigmas[i], denoised))
+        t, t_next = -sigmas[i].log(), -sigmas[i + 1].log()
+        h = t_next - t
+        if denoised_prev is None or sigmas[i + 1] == 0:
+            denoised_d = denoised
+        else:
+            r = (t - (-sigmas[i - 1].log())) / h
+            denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * denoised_prev
+        x = ((-t_next).exp() / (-t).exp()) * x - (-h).expm1() * denoised_d
+        denoised_prev = denoised
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None, eta=1.0,
+                        noise_sampler=None):
+    """DPM-Solver++(2M) SDE, midpoint variant: x = (sigma_next/sigma) e^{-eta h} x + (1 - e^{-(1+eta) h})
+    denoised + second-order term + sigma_next sqrt(1 - e^{-2 eta h}) z; the final step to 0 is x = denoised."""
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = BrownianNoise(x, generator) if noise_sampler is None else noise_sampler
+    s_in = x.new_ones([x.shape[0]])
+    denoised_prev, h_prev = None, None
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoiser(x, sigma * s_in, **extra_args)
+        if callback is not None:
+            callback(_info(x, i, sigma, denoised))
+        if sigma_next == 0:
+            x = denoised
+        else:
+            h = sigma.log() - sigma_next.log()
+            eta_h = eta * h
+            x = sigma_next / sigma * (-eta_h).exp() * x + (-h - eta_h).expm1().neg() * denoised
+            if denoised_prev is not None:
+                r = h_prev / h
+                x = x + 0.5 * (-h - eta_h).expm1().neg() * (1 / r) * (denoised - denoised_prev)
+            if eta:
+                x = x + noise_sampler(sigma, sigma_next) * sigma_next * (-2 * eta_h).expm1().neg().sqrt()
+        denoised_prev, h_prev = denoised, (h if sigma_next > 0 else None)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_3m_sde(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None, eta=1.0,
+                        noise_sampler=None):
+    """DPM-Solver++(3M) SDE: as 2M SDE with a third-order multistep correction from two previous
+    estimates (phi_2, phi_3 of h (1 + eta)); the final step to 0 is x = denoised."""
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = BrownianNoise(x, generator) if noise_sampler is None else noise_sampler
+    s_in = x.new_ones([x.shape[0]])
+    denoised_1, denoised_2, h_1, h_2 = None, None, None, None
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoiser(x, sigma * s_in, **extra_args)
+        if callback is not None:
+            callback(_info(x, i, sigma, denoised))
+        h = None
+        if sigma_next == 0:
+            x = denoised
+        else:
+            h = sigma.log() - sigma_next.log()
+            h_eta = h * (eta + 1)
+            x = torch.exp(-h_eta) * x + (-h_eta).expm1().neg() * denoised
+            if h_2 is not None:
+                r0, r1 = h_1 / h, h_2 / h
+                d1_0 = (denoised - denoised_1) / r0
+                d1_1 = (denoised_1 - denoised_2) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                phi_2 = h_eta.neg().expm1() / h_eta + 1
+                phi_3 = phi_2 / h_eta - 0.5
+                x = x + phi_2 * d1 - phi_3 * d2
+            elif h_1 is not None:
+                d = (denoised - denoised_1) / (h_1 / h)
+                phi_2 = h_eta.neg().expm1() / h_eta + 1
+                x = x + phi_2 * d
+            if eta:
+                x = x + noise_sampler(sigma, sigma_next) * sigma_next * (-2 * h * eta).expm1().neg().sqrt()
+        denoised_1, denoised_2 = denoised, denoised_1
+        h_1, h_2 = h, h_1
+    return x
