@@ -43,7 +43,7 @@ class UNetConfig:
     in_channels: int
     model_channels: int
     out_channels: int
-    num_res_blocks: int
+    num_res_blocks: int | tuple[int, ...]  # a list gives one count per level (Stability-AI openaimodel.py)
     attention_resolutions: tuple[int, ...]
     dropout: float = 0.0
     channel_mult: tuple[int, ...] = (1, 2, 4, 8)
@@ -323,10 +323,14 @@ def _text_encoder(params: Any, target: str, where: str, src: str) -> TextEncoder
 
 
 def parse_config(data: Any, src: str = "<config>") -> LatentDiffusionConfig:
-    """Read the contents of an original yaml (as plain Python data) into a LatentDiffusionConfig."""
-    if not isinstance(data, Mapping) or set(data) != {"model"}:
+    """Read the contents of an original yaml (as plain Python data) into a LatentDiffusionConfig.
+
+    Other top-level sections (`data`, `lightning` of training yamls and of the released
+    v2-inpainting-inference.yaml) are ignored, as the original scripts read only `config.model`.
+    """
+    if not isinstance(data, Mapping) or "model" not in data:
         found = sorted(data) if isinstance(data, Mapping) else data
-        raise ConfigError(f"{src}: expected exactly one top-level section 'model', got {found!r}")
+        raise ConfigError(f"{src}: expected a top-level section 'model', got {found!r}")
     model = data["model"]
     if not isinstance(model, Mapping):
         raise ConfigError(f"{src}: model must be a mapping, got {model!r}")
@@ -360,8 +364,9 @@ def parse_config(data: Any, src: str = "<config>") -> LatentDiffusionConfig:
 def _check_supported(cfg: LatentDiffusionConfig, src: str) -> None:
     """Values the original accepts but this reimplementation does not: fail instead of silently differing."""
     checks = [
-        ("beta_schedule", cfg.beta_schedule in ("linear",)),
-        ("given_betas", cfg.given_betas is None),
+        # the four of diffusionmodules/util.py make_beta_schedule (ldm/schedules.py builds them all)
+        ("beta_schedule", cfg.beta_schedule in ("linear", "cosine", "sqrt_linear", "sqrt")),
+        ("given_betas", cfg.given_betas is None),  # the original's `1. - betas` fails on a yaml list too
         ("parameterization", cfg.parameterization in ("eps", "v")),
         ("conditioning_key", cfg.conditioning_key in ("crossattn", "hybrid")),
         ("scale_by_std", not cfg.scale_by_std),
@@ -375,10 +380,16 @@ def _check_supported(cfg: LatentDiffusionConfig, src: str) -> None:
 
 def load_config(path: str | os.PathLike) -> LatentDiffusionConfig:
     """Read an original Stable Diffusion inference yaml (as omegaconf reads it, incl. `1e-4` floats)."""
-    from omegaconf import OmegaConf  # lazy: only needed for files
+    from omegaconf import DictConfig, OmegaConf  # lazy: only needed for files
 
     try:
-        data = OmegaConf.to_container(OmegaConf.load(os.fspath(path)), resolve=True)
+        conf = OmegaConf.load(os.fspath(path))
+        # resolve only `model` (against the whole file): interpolations in data/lightning do not concern us
+        if isinstance(conf, DictConfig) and "model" in conf:
+            data = {"model": OmegaConf.to_container(conf.model, resolve=True)}
+        else:
+            data = OmegaConf.to_container(conf, resolve=True)
     except Exception as e:  # omegaconf/yaml syntax errors: name the file
-        raise ConfigError(f"{os.fspath(path)}: cannot read yaml: {e}") from e
+        # yaml's messages span lines (problem mark, context mark): keep ours on one
+        raise ConfigError(f"{os.fspath(path)}: cannot read yaml: {' '.join(str(e).split())}") from e
     return parse_config(data, os.fspath(path))

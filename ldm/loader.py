@@ -5,10 +5,12 @@ themselves. The rules below cover what the original training code stores differe
 
 - EMA: LitEma (ldm/modules/ema.py) keeps the UNet's exponential moving average as buffers of `model_ema`
   named after the parameter path without dots, e.g. `model_ema.diffusion_modelinput_blocks00weight` for
-  `model.diffusion_model.input_blocks.0.0.weight`, plus `model_ema.decay` and `model_ema.num_updates`. The
-  original samples with the EMA weights (ddpm.py `ema_scope`), so they are the default; `ema=False` takes
-  the raw weights. A pruned release has no model_ema.<param> entries (the EMA is already folded into
-  `model.diffusion_model.*`), so there the raw keys are used either way.
+  `model.diffusion_model.input_blocks.0.0.weight`, plus `model_ema.decay` and `model_ema.num_updates`. We
+  default to the EMA weights (what the EMA-only releases ship, and what ddpm.py `ema_scope` swaps in when the
+  yaml has `use_ema: true`); `ema=False` takes the raw weights. Note that the released inference yamls set
+  `use_ema: False`, so the original scripts sample a full-EMA file (sd-v1-4-full-ema.ckpt) with its RAW
+  weights: pass ema=False to reproduce them. A pruned release has no model_ema.<param> entries (the EMA is
+  already folded into `model.diffusion_model.*`), so there the raw keys are used either way.
 - Text encoder, v1: the released files store transformers' CLIPTextModel as
   `cond_stage_model.transformer.text_model.*`; files written against the older layout (CLIPTextTransformer
   directly, no `text_model.` level) store `cond_stage_model.transformer.embeddings...`. Both are accepted.
@@ -59,6 +61,10 @@ IGNORED = {
     "CLIP position_ids": lambda key: key.startswith(CLIP_OLD) and key.endswith("embeddings.position_ids"),
     # open_clip's contrastive head; the cross-attention context does not use it
     "open_clip head": lambda key: key in (TEXT + "model.logit_scale", TEXT + "model.text_projection"),
+    # training state of ddpm.py LatentDiffusion: the scale_by_std buffer, a learned per-step logvar, a VAE
+    # loss (LPIPS/discriminator); the original's inference (load_state_dict strict=False) ignores them too
+    # and takes scale_factor from the yaml
+    "training state": lambda key: key in ("scale_factor", "logvar") or key.startswith(VAE + "loss."),
 }
 # In a standalone VAE file (vae-ft-mse-840000-ema-pruned.ckpt): the autoencoder's training loss (LPIPS,
 # discriminator, logvar) and LitEma bookkeeping; its EMA is already folded into the weights.
@@ -201,11 +207,15 @@ def load_model(config_path: str | os.PathLike, ckpt_path: str | os.PathLike, dev
     """The LatentDiffusion of `config_path` with the weights of `ckpt_path` (.ckpt/.pt/.safetensors), in eval
     mode with requires_grad False. ema=True uses the EMA UNet weights when the file has them; `vae_path`
     replaces the checkpoint's autoencoder with a standalone VAE file's."""
-    from ldm.config import load_config
+    from ldm.config import ConfigError, load_config
     from ldm.models.latent_diffusion import build_model
 
     device = torch.device(device)
-    model = build_model(load_config(config_path), device="meta", dtype=dtype)
+    cfg = load_config(config_path)
+    try:
+        model = build_model(cfg, device="meta", dtype=dtype)
+    except (ValueError, NotImplementedError) as err:  # options the modules refuse: name the file
+        raise ConfigError(f"{os.fspath(config_path)}: cannot build the model: {err}") from err
     ckpt = read_state_dict(ckpt_path)
     ignored = {}
     if vae_path is not None:

@@ -173,3 +173,32 @@ def test_full_size_keys_match_manifest(name):
     with torch.device("meta"):
         vae = AutoencoderKL(cfg.first_stage)
     assert {k: tuple(v.shape) for k, v in vae.state_dict().items()} == expected
+
+
+def test_deterministic_posterior_and_nll():
+    # Regression: distributions.py DiagonalGaussianDistribution(parameters, deterministic=False) and its nll;
+    # deterministic makes std and var zero (sample == mean, still drawing noise) and kl / nll zero.
+    params = torch.randn(2, 8, 3, 5, generator=torch.Generator().manual_seed(0))
+    point = DiagonalGaussianDistribution(params, deterministic=True)
+    assert point.parameters is params and torch.equal(point.std, torch.zeros(2, 4, 3, 5))
+    assert torch.equal(point.sample(torch.Generator().manual_seed(1)), point.mean)
+    assert torch.equal(point.kl(), torch.zeros(1)) and torch.equal(point.nll(point.mean), torch.zeros(1))
+    posterior = DiagonalGaussianDistribution(params)
+    sample = posterior.sample(torch.Generator().manual_seed(1))
+    # the Gaussian negative log-density from torch.distributions, summed over (C, H, W)
+    expected = -torch.distributions.Normal(posterior.mean, posterior.std).log_prob(sample).sum(dim=[1, 2, 3])
+    assert torch.allclose(posterior.nll(sample), expected, rtol=1e-5)
+
+
+def test_inputs_are_cast_to_the_weights_dtype():
+    # Regression: the original ran half models under autocast, which casts the inputs; without it a float32
+    # image into a float64 (or float16) VAE was a dtype error. Results come back in the weights' dtype.
+    vae = AutoencoderKL(AutoencoderConfig(ddconfig=dd_config(), embed_dim=4)).eval()
+    image = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        reference = vae.decode(vae.encode(image).mean)
+        vae.double()
+        posterior = vae.encode(image)
+        decoded = vae.decode(posterior.mean.float())
+    assert posterior.mean.dtype == decoded.dtype == torch.float64
+    assert rel_err(decoded.float(), reference) < RTOL

@@ -149,7 +149,9 @@ def test_unknown_target_names_the_target_and_the_file(tmp_path, old, new, where)
     ("        in_channels: 4\n", "", "missing required field model.params.unet_config.params.in_channels"),
     ("    conditioning_key: crossattn", "    conditioning_key: concat", "unsupported value model.params.conditioning_key"),
     ("    linear_start", "    parameterization: x0\n    linear_start", "unsupported value model.params.parameterization"),
-    ("    linear_start", "    beta_schedule: cosine\n    linear_start", "unsupported value model.params.beta_schedule"),
+    # Stability-AI util.py's extra schedule (the karlo prior's); ldm/schedules.py does not build it
+    ("    linear_start", "    beta_schedule: squaredcos_cap_v2\n    linear_start",
+     "unsupported value model.params.beta_schedule"),
     ("    scale_factor: 0.18215", "    scale_factor: 0.18215\n    finetune_keys: null", "only accepted by"),
     ("      params:\n        text_config:", "      params:\n        embed_dim: 32\n        text_config:",
      "embed_dim is not accepted by target ldm.modules.encoders.modules.FrozenCLIPEmbedder"),
@@ -167,7 +169,41 @@ def test_bad_values_are_clear_errors(tmp_path, old, new, message):
 def test_parse_config_without_a_file_and_bad_top_level():
     data = _yaml(ROOT / "tests" / "configs" / "tiny-v2.yaml")
     assert parse_config(data) == load_config(ROOT / "tests" / "configs" / "tiny-v2.yaml")
-    with pytest.raises(ConfigError, match="<config>: expected exactly one top-level section 'model'"):
-        parse_config({**data, "lightning": {}})
+    with pytest.raises(ConfigError, match="<config>: expected a top-level section 'model'"):
+        parse_config({"lightning": {}})
     with pytest.raises(ConfigError, match="cannot read yaml"):
         load_config(ROOT / "tests" / "configs" / "missing.yaml")
+
+
+def test_training_sections_are_ignored_as_the_original_scripts_do(tmp_path):
+    # Regression: the released v2-inpainting-inference.yaml (and every training yaml) also has `data` and
+    # `lightning` sections, which the original scripts never read (they use config.model); those sections may
+    # even hold interpolations that only resolve in a training run, so only `model` is resolved.
+    tiny = ROOT / "tests" / "configs" / "tiny-v2.yaml"
+    text = tiny.read_text().replace("        model_channels: 32", "        model_channels: ${lightning.width}")
+    path = tmp_path / "with-training-sections.yaml"
+    path.write_text(text + "\ndata:\n  target: main.DataModuleFromConfig\n  params: {batch_size: 4}\n"
+                    "lightning:\n  width: 32\n  trainer:\n    gpus: ${oc.env:UNSET_FOR_THIS_TEST}\n")
+    assert load_config(path) == load_config(tiny)
+    assert parse_config({**_yaml(tiny), "lightning": {}}) == load_config(tiny)
+
+
+def test_per_level_num_res_blocks_and_other_beta_schedules(tmp_path):
+    # Regression: Stability-AI openaimodel.py takes num_res_blocks as an int or a per-level list, and ddpm.py
+    # register_schedule takes every schedule of util.py make_beta_schedule (cosine with its cosine_s).
+    path = _write_variant(tmp_path, "        num_res_blocks: 1\n        channel_mult",
+                          "        num_res_blocks: [ 1, 2 ]\n        channel_mult")
+    assert load_config(path).unet.num_res_blocks == (1, 2)
+    path = _write_variant(tmp_path, "    linear_start",
+                          "    beta_schedule: cosine\n    cosine_s: 0.01\n    linear_start")
+    cfg = load_config(path)
+    assert (cfg.beta_schedule, cfg.cosine_s) == ("cosine", 0.01)
+
+
+def test_yaml_syntax_error_is_one_line(tmp_path):
+    # Regression: yaml's parser messages span several lines (problem and context marks)
+    path = tmp_path / "broken.yaml"
+    path.write_text("model:\n  params: {a: [1\n")
+    with pytest.raises(ConfigError, match="cannot read yaml") as info:
+        load_config(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)

@@ -1,5 +1,6 @@
 """LatentDiffusion assembly: full-size key layout and sizes (meta device), schedule, tiny random models."""
 
+import dataclasses
 import functools
 import json
 import math
@@ -101,6 +102,18 @@ def test_alphas_cumprod_matches_the_original_formula():
     np.testing.assert_allclose(ac.numpy(), schedule_buffers(cfg)["alphas_cumprod"].numpy(), rtol=1e-7)
 
 
+def test_cosine_schedule_takes_cosine_s():
+    # Regression: beta_schedule "cosine" (ddpm.py register_schedule -> util.py make_beta_schedule, Nichol &
+    # Dhariwal 2021 eq. 17 with offset cosine_s, betas clipped to [0, 0.999]) used to be refused by the config
+    cfg = dataclasses.replace(load_config(tiny_config_path("tiny-v1")), beta_schedule="cosine", cosine_s=0.02)
+    steps = np.arange(1001, dtype=np.float64) / 1000 + 0.02
+    alphas = np.cos(steps / 1.02 * np.pi / 2) ** 2
+    betas = np.clip(1 - (alphas / alphas[0])[1:] / (alphas / alphas[0])[:-1], 0, 0.999)
+    ac = build_model(cfg, device="meta").alphas_cumprod
+    # float64 -> float32 rounding only (2**-24 relative), as the linear case above
+    np.testing.assert_allclose(ac.numpy(), np.cumprod(1.0 - betas), rtol=1e-7, atol=1e-30)
+
+
 def test_build_model_dtype_and_grad_flags():
     cfg = load_config(tiny_config_path("tiny-v1"))
     model = build_model(cfg, dtype=torch.float16)
@@ -192,3 +205,28 @@ def test_tiny_checkpoint_safetensors_and_fp16(tmp_path):
     assert {v.dtype for k, v in half.items() if k != "model_ema.num_updates"} == {torch.float16}
     assert half["model_ema.num_updates"].dtype == torch.int32
     assert torch.equal(half["betas"], ref["betas"].half())
+
+
+def test_original_cond_forms_and_first_stage_helpers():
+    # Regression: ddpm.py LatentDiffusion.apply_model takes `cond` as a tensor, a list (concatenated along
+    # dim 1 by DiffusionWrapper) or the inpainting dict {"c_concat": [...], "c_crossattn": [...]}; and the
+    # original's first-stage helpers (decode_first_stage multiplies by 1. / scale_factor, which rounds
+    # differently from dividing) are available under their names.
+    model = tiny_model(tiny_config_path("tiny-v1-inpainting"), seed=0)
+    gen = torch.Generator().manual_seed(0)
+    x, mask, masked = (torch.randn(2, c, 8, 8, generator=gen) for c in (4, 1, 4))
+    context, t = torch.randn(2, 77, model.config.unet.context_dim, generator=gen), torch.tensor([5, 700])
+    with torch.no_grad():
+        expected = model.apply_model(x, t, context, torch.cat([mask, masked], dim=1))
+        as_dict = model.apply_model(x, t, {"c_concat": [mask, masked], "c_crossattn": [context]})
+        with pytest.raises(ValueError, match="c_crossattn and c_concat only"):
+            model.apply_model(x, t, {"c_crossattn": [context], "y": [t]})
+        z = torch.randn(1, 4, 8, 8, generator=gen)
+        decoded = model.decode_first_stage(z)
+        posterior = model.encode_first_stage(decoded)
+    assert torch.equal(as_dict, expected)
+    assert torch.equal(decoded, model.vae.decode(1.0 / model.scale_factor * z))
+    assert torch.equal(model.get_first_stage_encoding(posterior, torch.Generator().manual_seed(3)),
+                       model.scale_factor * posterior.sample(torch.Generator().manual_seed(3)))
+    assert torch.equal(model.get_first_stage_encoding(z), model.scale_factor * z)
+    assert torch.equal(model.get_learned_conditioning(["a horse"]), model.encode_text(["a horse"]))

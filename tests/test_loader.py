@@ -223,3 +223,26 @@ def test_hostile_checkpoint_is_refused_by_load_model(tmp_path, v1_state):
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="nope.ckpt: checkpoint not found"):
         ldm.load_model(V1, tmp_path / "nope.ckpt")
+
+
+def test_training_state_keys_are_ignored(tmp_path, v1_state):
+    # Regression: a LatentDiffusion trained with scale_by_std stores a `scale_factor` buffer, learn_logvar a
+    # `logvar` parameter, a VAE trained inside it `first_stage_model.loss.*`; the original's inference loads
+    # with strict=False and ignores them (scale_factor then comes from the yaml, as here).
+    state = dict(v1_state, scale_factor=torch.tensor(0.5), logvar=torch.zeros(1000))
+    state["first_stage_model.loss.logvar"] = torch.zeros(())
+    model, messages = _load(_save(tmp_path, state))
+    assert messages == [] and model.scale_factor == load_config(V1).scale_factor
+    _assert_weights(model, _expected(v1_state, ema=True))
+
+
+def test_config_the_modules_refuse_names_the_config(tmp_path, v1_ckpt):
+    # Regression: options the yaml parser accepts but the modules refuse (an unsupported UNet option, a
+    # GroupNorm-incompatible width) used to surface as bare errors without the file name
+    for old, new in [("        legacy: False", "        legacy: False\n        use_scale_shift_norm: True"),
+                     ("        model_channels: 32", "        model_channels: 48")]:
+        path = tmp_path / "refused.yaml"
+        path.write_text(V1.read_text().replace(old, new, 1))
+        with pytest.raises(ValueError, match="cannot build the model") as info:
+            ldm.load_model(path, v1_ckpt)
+        assert str(path) in str(info.value) and "\n" not in str(info.value)

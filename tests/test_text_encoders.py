@@ -200,3 +200,30 @@ def test_rejects_unsupported_settings(clip_fixture, openclip_fixture, build, kwa
     meta = (clip_fixture if build is _clip else openclip_fixture)[2]
     with pytest.raises(ValueError):
         build(meta, **kwargs)
+
+
+def test_openclip_penultimate_with_one_block_runs_none(openclip_fixture, prompts):
+    # Regression: Stability-AI FrozenOpenCLIPEmbedder.text_transformer_forward breaks at block
+    # len(resblocks) - layer_idx, so "penultimate" on a one-block tower runs no block and returns
+    # ln_final(token + positional embedding); it used to be refused. Also: "penultimate" of n blocks is "last"
+    # of the first n - 1 blocks (same weights).
+    _, state, meta = openclip_fixture
+    layers = meta["text_cfg"]["layers"]
+    for kept in (1, layers):
+        cfg = dict(meta, text_cfg=dict(meta["text_cfg"], layers=kept))
+        sub = {k: v for k, v in state.items()
+               if ".resblocks." not in k or int(k.split(".resblocks.")[1].split(".")[0]) < kept}
+        shorter = {k: v for k, v in sub.items()
+                   if ".resblocks." not in k or int(k.split(".resblocks.")[1].split(".")[0]) < kept - 1}
+        penultimate, last = _openclip(cfg, layer="penultimate"), _openclip(dict(cfg, text_cfg=dict(
+            cfg["text_cfg"], layers=kept - 1)), layer="last")
+        penultimate.load_state_dict(sub, strict=True)
+        last.load_state_dict(shorter, strict=True)
+        with torch.no_grad():
+            out = penultimate.encode(prompts)
+            assert torch.equal(out, last.encode(prompts))
+            if kept == 1:
+                tower = penultimate.model
+                ids = penultimate.tokenize(prompts).ids
+                expected = tower.ln_final(tower.token_embedding(ids) + tower.positional_embedding)
+                assert torch.equal(out, expected)

@@ -79,3 +79,19 @@ def test_single_string_is_a_batch_of_one():
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         tokenize("a horse", **kwargs)
+
+
+@pytest.mark.parametrize("prompt, pieces", [
+    ("!!<|endoftext|>", ["!!", EOT]),
+    ("a,<|startoftext|>b", ["a,", SOT, "b"]),
+    ("hello<|endoftext|>world", ["hello", EOT, "world"]),
+    ("<|ENDOFTEXT|> x", [EOT, "x"]),  # no split (case-sensitive), then lower() and bpe()'s cache: still EOT
+])
+def test_transformers_splits_at_literal_special_tokens_first(prompt, pieces):
+    # Regression: transformers' PreTrainedTokenizer.tokenize cuts the raw text at its special tokens before
+    # CLIPTokenizer._tokenize cleans and splits each chunk, so punctuation glued to "<|endoftext|>" is its own
+    # word; one regex pass over the whole prompt read "!!<|" as a punctuation run. (Checked against
+    # transformers 5.23 CLIPTokenizer(ftfy.fix_text(prompt)) for the first three: [49406, 748, 49407, ...].)
+    expected = [SOT] + [i for p in pieces for i in (encode(p, "transformers") if isinstance(p, str) else [p])]
+    ids = tokenize(prompt, convention="transformers").ids[0].tolist()
+    assert ids[: len(expected) + 1] == expected + [EOT]

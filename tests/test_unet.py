@@ -259,3 +259,28 @@ def test_gradient_checkpointing_only_while_training_with_grad(monkeypatch):
     res.eval(), tr.eval()
     tr(res(x, emb), ctx)
     assert len(calls) == 3
+
+
+def test_per_level_num_res_blocks_layout():
+    # Regression: Stability-AI openaimodel.py UNetModel takes num_res_blocks per level (ints are repeated);
+    # input level L has num_res_blocks[L] ResBlocks, output level L has num_res_blocks[L] + 1, the Upsample
+    # closing each output level but the last. Expected layout for channel_mult (1, 2), counts (1, 2), traced
+    # by hand through that constructor: input = [conv, res, down, res, res]; the output ResBlocks take
+    # ch + popped skip = 64+64, 64+64, 64+32 (Downsample skip), 64+32, 32+32 input channels.
+    cfg = UNetConfig(image_size=8, in_channels=4, model_channels=32, out_channels=4, num_res_blocks=(1, 2),
+                     attention_resolutions=(2,), channel_mult=(1, 2), num_heads=2, use_spatial_transformer=True,
+                     context_dim=8)
+    with torch.device("meta"):
+        model = UNetModel(cfg)
+    assert len(model.input_blocks) == 5 and len(model.output_blocks) == 5
+    assert [type(b[0]).__name__ for b in model.input_blocks] == ["Conv2d", "ResBlock", "Downsample", "ResBlock",
+                                                                  "ResBlock"]
+    assert [b[0].in_layers[2].in_channels for b in model.output_blocks] == [128, 128, 96, 96, 64]
+    assert [type(m).__name__ for m in model.output_blocks[2]] == ["ResBlock", "SpatialTransformer", "Upsample"]
+    assert [len(b) for b in model.input_blocks[3:]] == [2, 2]  # attention at ds 2 only
+    x = torch.zeros(1, 4, 8, 8)
+    assert model.to_empty(device="cpu")(x, torch.tensor([1]), torch.zeros(1, 3, 8)).shape == x.shape
+    with pytest.raises(ValueError, match="num_res_blocks has 3 entries"):
+        UNetModel(dataclasses.replace(cfg, num_res_blocks=(1, 2, 2)))
+    with pytest.raises(ValueError, match="num_attention_blocks"):
+        UNetModel(dataclasses.replace(cfg, num_attention_blocks=(1, 3)))

@@ -13,6 +13,8 @@ by / divides by `scale_factor`).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -218,12 +220,16 @@ class Decoder(nn.Module):
 class DiagonalGaussianDistribution:
     """Posterior q(z|x) = N(mean, diag(exp(logvar))), as distributions.py DiagonalGaussianDistribution."""
 
-    def __init__(self, parameters: torch.Tensor):
+    def __init__(self, parameters: torch.Tensor, deterministic: bool = False):
+        self.parameters = parameters
+        self.deterministic = deterministic
         self.mean, logvar = torch.chunk(parameters, 2, dim=1)
         # the original clamps to keep exp() finite
         self.logvar = torch.clamp(logvar, -30.0, 20.0)
         self.std = torch.exp(0.5 * self.logvar)
         self.var = torch.exp(self.logvar)
+        if deterministic:  # a point mass at the mean: sample() == mode(), as the original (logvar is kept)
+            self.var = self.std = torch.zeros_like(self.mean)
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         # Noise is drawn in float32 on the generator's device (CPU by default) and then moved, so a seed gives
@@ -237,12 +243,21 @@ class DiagonalGaussianDistribution:
 
     def kl(self, other: DiagonalGaussianDistribution | None = None) -> torch.Tensor:
         """KL(self || other) summed over (C, H, W); `other` defaults to the standard normal prior."""
+        if self.deterministic:
+            return torch.zeros(1)  # the original's torch.Tensor([0.])
         if other is None:
             return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
         return 0.5 * torch.sum(
             (self.mean - other.mean).pow(2) / other.var + self.var / other.var - 1.0 - self.logvar + other.logvar,
             dim=[1, 2, 3],
         )
+
+    def nll(self, sample: torch.Tensor, dims: tuple[int, ...] = (1, 2, 3)) -> torch.Tensor:
+        """Negative log-likelihood of `sample` under the posterior, summed over `dims`."""
+        if self.deterministic:
+            return torch.zeros(1)
+        return 0.5 * torch.sum(math.log(2.0 * math.pi) + self.logvar + (sample - self.mean).pow(2) / self.var,
+                               dim=list(dims))
 
 
 class AutoencoderKL(nn.Module):
@@ -260,11 +275,12 @@ class AutoencoderKL(nn.Module):
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, dd.z_channels, 1)
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
-        return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
+        """Images -> posterior, in the dtype of the weights (x is cast to it, as under the original's autocast)."""
+        return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x.to(self.quant_conv.weight.dtype))))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """UNSCALED latents -> images, nominally in [-1, 1] but not clamped."""
-        return self.decoder(self.post_quant_conv(z))
+        """UNSCALED latents -> images, nominally in [-1, 1] but not clamped, in the dtype of the weights."""
+        return self.decoder(self.post_quant_conv(z.to(self.post_quant_conv.weight.dtype)))
 
     def forward(
         self, x: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None

@@ -33,7 +33,7 @@ def schedule_alphas_cumprod(cfg: LatentDiffusionConfig) -> torch.Tensor:
     """alphas_cumprod of the config's schedule: float64 math (as ddpm.py register_schedule), float32 result."""
     with torch.device("cpu"):  # real values even inside build_model(device="meta")
         betas = make_beta_schedule(cfg.timesteps, linear_start=cfg.linear_start, linear_end=cfg.linear_end,
-                                   schedule=cfg.beta_schedule)
+                                   schedule=cfg.beta_schedule, cosine_s=cfg.cosine_s)
         return alphas_cumprod_from_betas(betas).to(torch.float32)
 
 
@@ -89,9 +89,40 @@ class LatentDiffusion(nn.Module):
         """(B, 77, D) cross-attention context for a list of prompts."""
         return self.cond_stage_model.encode(prompts)
 
-    def apply_model(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                    c_concat: torch.Tensor | None = None) -> torch.Tensor:
-        """UNet output (eps or v) for latent `x` at timesteps `t`; `c_concat` only for inpainting."""
+    # The original LatentDiffusion's own names for the same steps (ddpm.py), so code written against it runs.
+    def get_learned_conditioning(self, prompts: list[str]) -> torch.Tensor:
+        return self.encode_text(prompts)
+
+    def encode_first_stage(self, x: torch.Tensor):
+        return self.first_stage_model.encode(x)
+
+    def get_first_stage_encoding(self, posterior, generator: torch.Generator | None = None) -> torch.Tensor:
+        """scale_factor * a posterior sample (a plain tensor is taken as the latent itself, as the original)."""
+        z = posterior if isinstance(posterior, torch.Tensor) else posterior.sample(generator)
+        return self.scale_factor * z
+
+    def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
+        # 1 / scale_factor * z as ddpm.py: z / scale_factor rounds differently in ~1/3 of the elements
+        return self.first_stage_model.decode(1.0 / self.scale_factor * z)
+
+    def apply_model(self, x: torch.Tensor, t: torch.Tensor, context, c_concat: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+        """UNet output (eps or v) for latent `x` at timesteps `t`; `c_concat` only for inpainting.
+
+        `context` may also be given as the original ddpm.py apply_model takes `cond`: a list of tensors, or
+        a dict {"c_crossattn": [...], "c_concat": [...]} (the inpainting samplers' form); list entries are
+        concatenated along dim 1, as DiffusionWrapper does.
+        """
+        if isinstance(context, dict):
+            unknown = set(context) - {"c_crossattn", "c_concat"}
+            if unknown or c_concat is not None:
+                raise ValueError(f"cond dict takes c_crossattn and c_concat only, got {sorted(context)}"
+                                 + (" and c_concat" if c_concat is not None else ""))
+            context, c_concat = context.get("c_crossattn"), context.get("c_concat")
+        if isinstance(context, (list, tuple)):
+            context = torch.cat(list(context), dim=1)
+        if isinstance(c_concat, (list, tuple)):
+            c_concat = torch.cat(list(c_concat), dim=1)
         return self.model(x, t, context, c_concat)
 
 

@@ -104,7 +104,7 @@ class OpenCLIPTextTower(nn.Module):
         """Hidden states after all but the last `skip_last` residual blocks, then ln_final (B, T, width)."""
         x = self.token_embedding(ids) + self.positional_embedding
         blocks = self.transformer.resblocks
-        for block in blocks[: len(blocks) - skip_last]:
+        for block in blocks[: max(len(blocks) - skip_last, 0)]:
             x = block(x)
         return self.ln_final(x)
 
@@ -120,9 +120,8 @@ class FrozenOpenCLIPEmbedder(nn.Module):
         if cfg.layer not in self.LAYERS:
             raise ValueError(f"FrozenOpenCLIPEmbedder layer must be one of {tuple(self.LAYERS)}, got {cfg.layer!r}")
         self.layer = cfg.layer
+        # no minimum depth: with a single block "penultimate" runs none (text_transformer_forward breaks at once)
         self.layer_idx = self.LAYERS[cfg.layer]
-        if self.layer_idx >= max(text_cfg.layers, 1):
-            raise ValueError(f"layer {cfg.layer!r} needs more than {text_cfg.layers} residual blocks")
         # the original tokenizes with open_clip.tokenize's fixed 77 (its max_length argument is unused);
         # the positional embedding has context_length rows and is added whole, so the ids must match it
         self.context_length = text_cfg.context_length

@@ -77,15 +77,22 @@ def _encode_transformers(text: str) -> list[int]:
     import ftfy  # a dependency of open_clip
 
     tokenizer = _open_clip_tokenizer()
-    text = re.sub(r"\s+", " ", ftfy.fix_text(text)).strip().lower()
     ids = []
-    for piece in _hf_pattern().findall(text):
-        if piece in _HF_SPECIAL:
-            ids.append(_HF_SPECIAL[piece])
+    # PreTrainedTokenizer.tokenize first splits the raw text at the literal special tokens (case-sensitive, no
+    # cleaning), then _tokenize cleans and splits each remaining chunk; so "!!<|endoftext|>" is "!!" + EOT, not
+    # one punctuation run "!!<|" followed by "endoftext" and "|>".
+    for chunk in re.split(r"(<\|startoftext\|>|<\|endoftext\|>)", text):
+        if chunk in _HF_SPECIAL:
+            ids.append(_HF_SPECIAL[chunk])
             continue
-        # bytes -> printable unicode stand-ins, the alphabet the BPE merges are written in
-        word = "".join(tokenizer.byte_encoder[b] for b in piece.encode("utf-8"))
-        ids.extend(tokenizer.encoder[t] for t in tokenizer.bpe(word).split(" "))
+        chunk = re.sub(r"\s+", " ", ftfy.fix_text(chunk)).strip().lower()
+        for piece in _hf_pattern().findall(chunk):
+            if piece in _HF_SPECIAL:  # e.g. "<|ENDOFTEXT|>" after lower(): bpe()'s cache maps it to the id
+                ids.append(_HF_SPECIAL[piece])
+                continue
+            # bytes -> printable unicode stand-ins, the alphabet the BPE merges are written in
+            word = "".join(tokenizer.byte_encoder[b] for b in piece.encode("utf-8"))
+            ids.extend(tokenizer.encoder[t] for t in tokenizer.bpe(word).split(" "))
     return ids
 
 

@@ -154,6 +154,22 @@ def _check_supported(cfg: UNetConfig) -> None:
         raise NotImplementedError(f"UNetModel does not support {', '.join(bad)}")
 
 
+def _per_level(cfg: UNetConfig) -> tuple[int, ...]:
+    """ResBlocks per level; checks the per-level lists against channel_mult as openaimodel.py asserts."""
+    levels = len(cfg.channel_mult)
+    counts = cfg.num_res_blocks
+    counts = (counts,) * levels if isinstance(counts, int) else tuple(counts)
+    lists = {"num_res_blocks": counts, "disable_self_attentions": cfg.disable_self_attentions,
+             "num_attention_blocks": cfg.num_attention_blocks}
+    for name, values in lists.items():
+        if values is not None and len(values) != levels:
+            raise ValueError(f"UNetModel {name} has {len(values)} entries, channel_mult {levels}")
+    if cfg.num_attention_blocks is not None and any(a > n for a, n in zip(cfg.num_attention_blocks, counts)):
+        raise ValueError(f"UNetModel num_attention_blocks {list(cfg.num_attention_blocks)} exceeds "
+                         f"num_res_blocks {list(counts)}")
+    return counts
+
+
 class UNetModel(nn.Module):
     """openaimodel.py UNetModel for cross-attention conditioning; forward(x, timesteps, context)."""
 
@@ -163,6 +179,7 @@ class UNetModel(nn.Module):
         self.cfg = cfg
         self.model_channels = mc = cfg.model_channels
         levels = len(cfg.channel_mult)
+        num_res_blocks = _per_level(cfg)
         time_dim = mc * 4
         self.time_embed = nn.Sequential(nn.Linear(mc, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
 
@@ -186,7 +203,7 @@ class UNetModel(nn.Module):
         skip_channels = [mc]
         ch, ds = mc, 1
         for level, mult in enumerate(cfg.channel_mult):
-            for i in range(cfg.num_res_blocks):
+            for i in range(num_res_blocks[level]):
                 layers = [res(ch, mult * mc)]
                 ch = mult * mc
                 if has_attention(ds, level, i):
@@ -203,12 +220,12 @@ class UNetModel(nn.Module):
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
-            for i in range(cfg.num_res_blocks + 1):
+            for i in range(num_res_blocks[level] + 1):
                 layers = [res(ch + skip_channels.pop(), mult * mc)]
                 ch = mult * mc
                 if has_attention(ds, level, i):
                     layers.append(transformer(ch, self_attn_disabled(level)))
-                if level and i == cfg.num_res_blocks:
+                if level and i == num_res_blocks[level]:
                     layers.append(Upsample(ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
