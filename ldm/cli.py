@@ -82,6 +82,10 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     p.add_argument("--plms", action="store_true", help="use plms sampling (= --sampler plms)")
     p.add_argument("--dpm_solver", "--dpm", action="store_true",
                    help=f"use dpm_solver sampling (= --sampler {DPM_SOLVER})")
+    if not img2img:  # only the original txt2img has it
+        p.add_argument("--laion400m", action="store_true",
+                       help="the original's switch to the LAION-400M LDM-KL-8 (BERT text encoder) model; not "
+                            "implemented by ldm, refused with a message")
     p.add_argument("--fixed_code", action="store_true",
                    help="use the same starting code for every batch of the run")
     p.add_argument("--ddim_eta", type=float, default=0.0, help="ddim eta (0.0: deterministic sampling)")
@@ -152,6 +156,9 @@ def _require_file(path: str | None, what: str) -> None:
 
 def validate(opts: argparse.Namespace, mode: str) -> None:
     """Every check that needs no model; raises CLIError. Runs before anything is loaded or written."""
+    if getattr(opts, "laion400m", False):
+        raise CLIError("--laion400m selects the LDM-KL-8 BERT model, which ldm does not implement "
+                       "(give an SD v1/v2 --config and --ckpt instead)")
     opts.sampler = sampler_name(opts)
     valid = SAMPLERS[opts.sampler].valid_schedules
     if opts.schedule not in valid:

@@ -254,6 +254,7 @@ BAD = {
     "missing prompt file": (["--from-file", "nowhere.txt"], "prompt file (--from-file) not found"),
     "impossible step count": (["--ddim_steps", "3"], "--ddim_steps 3"),
     "wrong latent channels": (["--C", "3"], "--C 3 does not match"),
+    "the original's LAION-400M switch": (["--laion400m"], "--laion400m selects the LDM-KL-8 BERT model"),
 }
 
 
