@@ -1,0 +1,85 @@
+"""Training the KL autoencoder (first stage): reconstruction + KL, no discriminator.
+
+As ldm/modules/losses/contperceptual.py LPIPSWithDiscriminator of CompVis/stable-diffusion with the GAN and
+LPIPS terms off (disc_weight 0, perceptual_weight 0) and a fixed log-variance of 0:
+    nll = sum |x - x_rec| / B            (per-image sum over pixels, batch mean)
+    kl  = sum KL(q(z|x) || N(0, I)) / B
+    loss = nll + kl_weight * kl          (the original configs use kl_weight 1e-6)
+Here the loss is divided by the number of values per image (3 H W): the same minimiser, but a loss of order 1
+so that gradient-norm clipping and the logged numbers mean the same as in the diffusion stage.
+The reconstruction comes from a posterior SAMPLE (AutoencoderKL.forward, sample_posterior=True).
+
+Random crops (opts.extra["crop"] = c > 0): each image of a batch is cut to a c x c window at a position drawn
+from the run's generator, as the original VAEs were trained on 256 px crops of larger images. The networks
+are convolutional (plus one attention over the latent in the middle block), so they apply to full images
+afterwards; on a CPU a 32 px crop of a 64 px image costs a quarter of the full image.
+
+Checkpoints hold the original first-stage layout: `state_dict` with encoder.*, decoder.*, quant_conv.*,
+post_quant_conv.* (what `first_stage_model.*` holds inside a LatentDiffusion checkpoint, without the prefix).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ldm.train.loop import Trainer, TrainOptions
+
+# (n, generator) -> (images (n, 3, H, W) in [-1, 1], captions)
+DataFn = Callable[[int, torch.Generator], tuple[torch.Tensor, list[str]]]
+
+
+def autoencoder_loss(vae, images: torch.Tensor, kl_weight: float, generator: torch.Generator
+                     ) -> tuple[torch.Tensor, dict]:
+    reconstruction, posterior = vae(images, sample_posterior=True, generator=generator)
+    error = (images - reconstruction.float()).abs()
+    kl = posterior.kl().float().mean()
+    loss = error.mean() + kl_weight * kl / images[0].numel()
+    return loss, {"rec_l1": float(error.detach().mean()), "kl": float(kl.detach())}
+
+
+class AutoencoderTrainer(Trainer):
+    """Trains `vae` (an AutoencoderKL) on images from `data`; opts.extra["kl_weight"] (default 1e-6)."""
+
+    def __init__(self, vae: torch.nn.Module, data: DataFn, opts: TrainOptions, device="cpu"):
+        self.vae = vae.to(device).train().requires_grad_(True)
+        self.data = data
+        self.kl_weight = float(opts.extra.get("kl_weight", 1e-6))
+        self.crop = int(opts.extra.get("crop", 0))
+        super().__init__(list(self.vae.parameters()), opts, device)
+
+    def loss(self, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        images, _ = self.data(self.opts.batch_size, generator)
+        if self.crop:
+            images = random_crops(images, self.crop, generator)
+        return autoencoder_loss(self.vae, images.to(self.device), self.kl_weight, generator)
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.vae.state_dict().items()}
+
+    def load_checkpoint_state(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self.vae.load_state_dict(state_dict, strict=True)
+
+
+def random_crops(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """One size x size window per image, top-left corners uniform over the valid range."""
+    n, _, h, w = images.shape
+    if size > min(h, w):
+        raise ValueError(f"crop {size} is larger than the images ({h}x{w})")
+    ys = torch.randint(0, h - size + 1, (n,), generator=generator).tolist()
+    xs = torch.randint(0, w - size + 1, (n,), generator=generator).tolist()
+    return torch.stack([im[:, y:y + size, x:x + size] for im, y, x in zip(images, ys, xs)])
+
+
+@torch.no_grad()
+def latent_std(vae: torch.nn.Module, images: torch.Tensor, generator: torch.Generator,
+               batch_size: int = 64) -> float:
+    """Standard deviation of posterior samples of `images`; scale_factor = 1 / this, as the original's
+    scale_by_std (ddpm.py LatentDiffusion.on_train_batch_start) computes from its first batch."""
+    was_training = vae.training
+    vae.eval()
+    device = next(vae.parameters()).device
+    latents = [vae.encode(chunk.to(device)).sample(generator).float().cpu() for chunk in images.split(batch_size)]
+    vae.train(was_training)
+    return float(torch.cat(latents).flatten().std())

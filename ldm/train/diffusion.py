@@ -1,0 +1,129 @@
+"""Training the latent diffusion model: UNet (and, when `cond_stage_trainable`, the text encoder).
+
+As ldm/models/diffusion/ddpm.py LatentDiffusion.shared_step / p_losses of CompVis/stable-diffusion:
+    z0  = scale_factor * sample of q(z | x)              (get_first_stage_encoding, the VAE is frozen)
+    t   ~ U{0, ..., T-1},  noise ~ N(0, I)
+    z_t = sqrt(alphas_cumprod[t]) z0 + sqrt(1 - alphas_cumprod[t]) noise          (q_sample)
+    loss = mean (model(z_t, t, c) - target)^2,  target = noise ("eps") or
+           sqrt(alphas_cumprod[t]) noise - sqrt(1 - alphas_cumprod[t]) z0 ("v", Salimans & Ho 2022)
+(l_simple_weight 1, original_elbo_weight 0, logvar 0: the SD configs' loss). Classifier-free guidance
+(Ho & Salimans 2022) needs an unconditional model: each caption is replaced by "" with probability
+`cond_dropout`, as the original's ucg_training, so the pipeline's unconditional branch (the encoding of "")
+is what the model learnt.
+
+Latent pool (opts.extra["latent_pool"] = N > 0): the frozen VAE encodes N training images once (from a
+generator of their own, seeded from the run's seed) and each step draws B of their posteriors; the posterior
+SAMPLE is still fresh every step. On a CPU the VAE encoder costs a third of a small UNet's training step;
+the world's nuisance variation is small, so a few thousand images cover it.
+
+The EMA (ldm/train/ema.py, LitEma names) tracks the DiffusionWrapper `model` only, as the original does
+even when the text encoder trains. Draws per step from the run's generator, in order: the batch seed, the
+posterior sample, the dropout mask, the timesteps, the noise (with a latent pool: the pool indices, the
+posterior sample, then the same).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ldm.train.autoencoder import DataFn
+from ldm.train.checkpoint_io import diffusion_state_dict, split_diffusion_state_dict
+from ldm.train.ema import LitEma
+from ldm.train.loop import Trainer, TrainOptions
+
+
+def q_sample(z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor):
+    a = alphas_cumprod.to(z0.device)[t].float()[:, None, None, None]
+    return a.sqrt() * z0 + (1 - a).sqrt() * noise
+
+
+def diffusion_target(z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor,
+                     parameterization: str) -> torch.Tensor:
+    if parameterization == "eps":
+        return noise
+    if parameterization == "v":
+        a = alphas_cumprod.to(z0.device)[t].float()[:, None, None, None]
+        return a.sqrt() * noise - (1 - a).sqrt() * z0
+    raise ValueError(f"unknown parameterization {parameterization!r}")
+
+
+def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> list[str]:
+    """Replace each caption by "" with probability p (one uniform draw per caption)."""
+    keep = torch.rand(len(captions), generator=generator) >= p
+    return [c if k else "" for c, k in zip(captions, keep.tolist())]
+
+
+class DiffusionTrainer(Trainer):
+    """Trains a LatentDiffusion built by ldm.models.latent_diffusion.build_model with a trained VAE in it.
+
+    opts.extra: cond_dropout (0.1), ema_decay (0.9999, the original's default), train_text (defaults to the
+    config's cond_stage_trainable).
+    """
+
+    def __init__(self, model: torch.nn.Module, data: DataFn, opts: TrainOptions, device="cpu"):
+        self.model = model.to(device)
+        self.data = data
+        self.cond_dropout = float(opts.extra.get("cond_dropout", 0.1))
+        self.train_text = bool(opts.extra.get("train_text", model.config.cond_stage_trainable))
+        model.eval().requires_grad_(False)
+        model.model.train().requires_grad_(True)
+        params = list(model.model.parameters())
+        if self.train_text:
+            model.cond_stage_model.train().requires_grad_(True)
+            params += list(model.cond_stage_model.parameters())
+        self.ema = LitEma(model.model, decay=float(opts.extra.get("ema_decay", 0.9999))).to(device)
+        super().__init__(params, opts, device)
+        self.pool = self.encode_pool(int(opts.extra.get("latent_pool", 0)))
+
+    @torch.no_grad()
+    def encode_pool(self, n: int, chunk: int = 64):
+        """(posterior means, posterior stds, captions) of n training images, or None for n = 0."""
+        if n <= 0:
+            return None
+        generator = torch.Generator().manual_seed(self.opts.seed + 7919)
+        means, stds, captions = [], [], []
+        for start in range(0, n, chunk):
+            images, caps = self.data(min(chunk, n - start), generator)
+            posterior = self.model.first_stage_model.encode(images.to(self.device))
+            means.append(posterior.mean.float().cpu())
+            stds.append(posterior.std.float().cpu())
+            captions += caps
+        return torch.cat(means), torch.cat(stds), captions
+
+    def latents(self, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+        """Scaled latents z0 (B, C, h, w) of a training batch and its captions."""
+        model, n = self.model, self.opts.batch_size
+        if self.pool is None:
+            images, captions = self.data(n, generator)
+            with torch.no_grad():
+                posterior = model.first_stage_model.encode(images.to(self.device))
+                return (model.scale_factor * posterior.sample(generator)).float(), captions
+        means, stds, pool_captions = self.pool
+        index = torch.randint(0, means.shape[0], (n,), generator=generator)
+        noise = torch.randn((n,) + means.shape[1:], generator=generator)
+        z0 = model.scale_factor * (means[index] + stds[index] * noise)
+        return z0.to(self.device), [pool_captions[i] for i in index.tolist()]
+
+    def loss(self, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        model = self.model
+        z0, captions = self.latents(generator)
+        captions = drop_captions(captions, self.cond_dropout, generator)
+        t = torch.randint(0, model.num_timesteps, (z0.shape[0],), generator=generator).to(self.device)
+        noise = torch.randn(z0.shape, generator=generator).to(self.device)
+        z_t = q_sample(z0, t, noise, model.alphas_cumprod)
+        target = diffusion_target(z0, t, noise, model.alphas_cumprod, model.parameterization)
+        context = model.encode_text(captions)
+        prediction = model.apply_model(z_t, t, context)
+        return F.mse_loss(prediction.float(), target), {}
+
+    def after_step(self) -> None:
+        self.ema.update(self.model.model)
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        return diffusion_state_dict(self.model, self.ema)
+
+    def load_checkpoint_state(self, state_dict: dict[str, torch.Tensor]) -> None:
+        model_sd, ema_sd = split_diffusion_state_dict(state_dict, self.model)
+        self.model.load_state_dict(model_sd, strict=True)
+        self.ema.load_state_dict(ema_sd, strict=True)

@@ -1,0 +1,171 @@
+"""Train the shipped demo model from scratch: the KL autoencoder, then the UNet with its tiny CLIP text encoder.
+
+    python scripts/train_demo.py                       # both stages with the defaults below
+    python scripts/train_demo.py --unet-steps 1500     # continue a finished run to more steps (resumes)
+
+Data: the procedural world of ldm/demo/world.py (training split; held-out combinations never seen).
+Outputs:
+  configs/demo/shapes-v1.yaml             the original-format yaml (scale_factor filled in after stage 1)
+  runs/demo/autoencoder.ckpt, ldm.ckpt    full training checkpoints (original layout + optimizer/RNG state)
+  runs/demo/*.jsonl                       loss logs
+  checkpoints/demo/shapes-v1.safetensors  the pruned EMA-only fp16 export that `make demo` loads
+  checkpoints/demo/train_report.json      hyperparameters, wall times, final losses and scores
+Every stage resumes from its checkpoint when one exists, so an interrupted run is continued by running the
+same command again. Deterministic given --seed on CPU (same thread count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from ldm.config import load_config  # noqa: E402
+from ldm.demo import world  # noqa: E402
+from ldm.models.latent_diffusion import build_model  # noqa: E402
+from ldm.train.autoencoder import AutoencoderTrainer, latent_std  # noqa: E402
+from ldm.train.checkpoint_io import export_pruned, write_config  # noqa: E402
+from ldm.train.diffusion import DiffusionTrainer  # noqa: E402
+from ldm.train.loop import TrainOptions  # noqa: E402
+
+CONFIG = ROOT / "configs/demo/shapes-v1.yaml"
+SHIPPED = ROOT / "checkpoints/demo/shapes-v1.safetensors"
+REPORT = ROOT / "checkpoints/demo/train_report.json"
+
+
+def world_data(n: int, generator: torch.Generator):
+    images, captions, _ = world.batch(n, generator, split="train")
+    return images, captions
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", default=str(ROOT / "runs/demo"), help="training checkpoints and logs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", default="2",
+                   help="torch CPU threads, or 'auto': 1 while the machine is busier than its cores (OpenMP "
+                        "threads that wait on a descheduled partner waste most of their time), else all cores; "
+                        "deterministic only with a fixed number")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--vae-steps", type=int, default=700)
+    p.add_argument("--vae-batch", type=int, default=8)
+    p.add_argument("--vae-crop", type=int, default=0,
+                   help="train the VAE on random crops of this size (0: whole images; crops of 32 px, tried first, "
+                        "rarely hold a whole shape and learnt shape colours slowly)")
+    p.add_argument("--vae-lr", type=float, default=2e-3)
+    p.add_argument("--unet-steps", type=int, default=500)
+    p.add_argument("--unet-batch", type=int, default=32)
+    p.add_argument("--unet-lr", type=float, default=1e-3)
+    p.add_argument("--latent-pool", type=int, default=2048,
+                   help="encode this many training images once and draw batches from their posteriors (0: "
+                        "encode every batch)")
+    p.add_argument("--ckpt-every", type=int, default=100)
+    p.add_argument("--no-score", action="store_true", help="skip the final prompt-adherence evaluation")
+    return p.parse_args(argv)
+
+
+def adapt_threads(args):
+    """A before_step hook for --threads auto (checked every 20 steps)."""
+    if args.threads != "auto":
+        return None
+    cores = os.cpu_count() or 1
+
+    def hook(trainer):
+        if trainer.step % 20 == 0:
+            busy = os.getloadavg()[0] > cores + 0.5
+            torch.set_num_threads(1 if busy else cores)
+    return hook
+
+
+def train_autoencoder(args, work: Path) -> dict:
+    cfg = load_config(CONFIG)
+    ckpt = work / "autoencoder.ckpt"
+    opts = TrainOptions(steps=args.vae_steps, batch_size=args.vae_batch, lr=args.vae_lr, lr_min=args.vae_lr / 10,
+                        warmup=50, precision=args.precision, seed=args.seed, log_every=10,
+                        ckpt_every=100, extra={"kl_weight": 1e-6, "crop": args.vae_crop})
+    with torch.random.fork_rng():
+        torch.manual_seed(args.seed)
+        vae = build_model(cfg).first_stage_model  # random init from the seed
+    trainer = AutoencoderTrainer(vae, world_data, opts, args.device)
+    if ckpt.exists():
+        trainer.resume(ckpt)
+        trainer.opts = trainer.opts.with_(steps=max(args.vae_steps, trainer.step))
+    start = time.time()
+    records = trainer.fit(ckpt, work / "autoencoder_loss.jsonl", desc="autoencoder",
+                          before_step=adapt_threads(args))
+    # scale_factor: 1 / std of posterior samples of 256 fixed world images (the original's scale_by_std)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    images, _ = world_data(256, gen)
+    std = latent_std(trainer.vae, images, gen)
+    write_config(CONFIG, CONFIG, 1.0 / std)
+    return {"steps": trainer.step, "wall_s": round(time.time() - start, 1), "latent_std": std,
+            "final": records[-1] if records else None}
+
+
+def train_diffusion(args, work: Path) -> dict:
+    cfg = load_config(CONFIG)
+    ckpt = work / "ldm.ckpt"
+    opts = TrainOptions(steps=args.unet_steps, batch_size=args.unet_batch, lr=args.unet_lr, lr_min=args.unet_lr / 20,
+                        warmup=100, precision=args.precision, seed=args.seed + 1, log_every=10,
+                        ckpt_every=args.ckpt_every, extra={"cond_dropout": 0.1, "ema_decay": 0.999,
+                                              "latent_pool": args.latent_pool})
+    with torch.random.fork_rng():
+        torch.manual_seed(args.seed + 1)
+        model = build_model(cfg)
+    vae_state = torch.load(work / "autoencoder.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    model.first_stage_model.load_state_dict(vae_state, strict=True)
+    trainer = DiffusionTrainer(model, world_data, opts, args.device)
+    if ckpt.exists():
+        trainer.resume(ckpt)
+    start = time.time()
+
+    def export(t):
+        export_pruned(ckpt, SHIPPED)
+
+    records = trainer.fit(ckpt, work / "ldm_loss.jsonl", desc="diffusion", on_checkpoint=export,
+                          before_step=adapt_threads(args))
+    return {"steps": trainer.step, "wall_s": round(time.time() - start, 1),
+            "final": records[-1] if records else None}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(1 if args.threads == "auto" else int(args.threads))
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    report = json.loads(REPORT.read_text()) if REPORT.exists() else {}
+    report["args"] = vars(args)
+    start = time.time()
+    report["autoencoder"] = train_autoencoder(args, work)
+    report["diffusion"] = train_diffusion(args, work)
+    report.setdefault("runs", []).append({"wall_s": round(time.time() - start, 1), "vae_steps": args.vae_steps,
+                                          "unet_steps": args.unet_steps, "threads": args.threads})
+    REPORT.parent.mkdir(parents=True, exist_ok=True)
+    REPORT.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(f"wrote {SHIPPED} ({SHIPPED.stat().st_size / 1e6:.1f} MB) and {CONFIG}; "
+          f"wall time {time.time() - start:.0f} s")
+    if not args.no_score:
+        import ldm
+        from ldm.train.demo_eval import score_model
+
+        model = ldm.load_model(CONFIG, SHIPPED)
+        report["scores"] = {}
+        for split, prompts in (("seen", world.seen_prompts(40)), ("heldout", world.heldout_prompts(40))):
+            result = score_model(model, prompts, sampler="ddim", steps=25)
+            report["scores"][split] = result
+            print(f"{split}: prompt accuracy {result['prompt_accuracy']:.3f} "
+                  f"(attributes {result['attribute_accuracy']:.3f}) over {result['n']} prompts, ddim 25 steps")
+        REPORT.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()
