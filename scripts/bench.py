@@ -1,0 +1,506 @@
+"""Speed and memory of ldm against diffusers: the same random full-size weights, one process, alternating.
+
+    .venv-ref/bin/python scripts/bench.py --device cpu --size 256 --json bench-cpu.json
+    .venv-ref/bin/python scripts/bench.py --device cuda --matrix          # 512 px v1 and 768 px v2, fp16/bf16
+
+diffusers and transformers are benchmark dependencies only (.venv-ref); ldm never imports them.
+
+What is built. A random checkpoint in the ORIGINAL key layout for the config (UNet, VAE and the text encoder
+of v1; fan-in scaled uniform weights, norms near 1, small biases, so activations stay O(1)). ldm loads it
+as is (its module paths are the checkpoint keys); diffusers gets it through its own converter of original
+checkpoints (single_file_utils create_*_diffusers_config_from_ldm + convert_ldm_*_checkpoint) and
+transformers' CLIPTextModel takes the text tower's keys minus the `cond_stage_model.transformer.` prefix. All
+models are built on the meta device and adopt the checkpoint tensors (load_state_dict(assign=True)), so the
+variants share ONE copy of the weights; a variant that re-lays out weights (prepack, channels_last) adds its
+own copy, reported as "weights+" in MB.
+
+What is measured, per part, each variant once per round, rounds alternating so all suffer the same load:
+  unet   one classifier-free-guidance step: UNet forward on batch 2 (cond + uncond), 77-token context
+  vae    VAE decode of one latent
+  e2e    txt2img: text encoder (cond + empty uncond), --steps DDIM steps with guidance 7.5, VAE decode.
+         ldm: ldm.pipeline.txt2img. diffusers: transformers CLIPTextModel on the same token ids, then
+         StableDiffusionPipeline(prompt_embeds=..., negative_prompt_embeds=...) with the original DDIM
+         schedule (leading spacing, steps_offset 1), output_type "pt". Same x_T for both. v1 configs only.
+  tiling ldm's tiled VAE decode against its plain decode (difference, seam metric, peak memory).
+Reported: median wall ms and median process CPU ms per call, ldm/diffusers ratio of the medians, peak
+memory during the call (CPU: peak RSS of the process and its rise over the pre-call RSS; accelerator: max
+allocated and its rise). Before timing, every variant's output is compared with diffusers' (max abs
+difference / max abs value).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ldm import fast, pipeline, tiling  # noqa: E402
+from ldm.config import CLIPTextConfig, load_config  # noqa: E402
+from ldm.models.attention import set_attention_backend  # noqa: E402
+from ldm.models.latent_diffusion import build_model  # noqa: E402
+from ldm.models.tokenizer import tokenize  # noqa: E402
+
+PROMPT = "a photograph of an astronaut riding a horse"
+MATRIX = [("configs/stable-diffusion/v1-inference.yaml", 512, "float16"),
+          ("configs/stable-diffusion/v1-inference.yaml", 512, "bfloat16"),
+          ("configs/stable-diffusion/v2-inference-v.yaml", 768, "float16"),
+          ("configs/stable-diffusion/v2-inference-v.yaml", 768, "bfloat16")]
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------------------------- weights
+
+
+def random_checkpoint(keys: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Original-layout tensors for the (meta) state dict `keys`: matrices and convs uniform with std
+    1/sqrt(fan_in), 1-D weights (norms) 1 +- 0.2, biases +- 0.1 (uniform draws: 860M normal draws take
+    minutes on 2 busy cores)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key in sorted(keys):
+        meta = keys[key]
+        if not meta.dtype.is_floating_point:  # transformers' position_ids buffer
+            out[key] = torch.arange(meta.shape[-1], dtype=meta.dtype).reshape(meta.shape)
+            continue
+        t = torch.empty(meta.shape)
+        if t.dim() >= 2:
+            bound = math.sqrt(3.0 / math.prod(t.shape[1:]))
+            t.uniform_(-bound, bound, generator=g)
+        elif key.endswith("bias"):
+            t.uniform_(-0.1, 0.1, generator=g)
+        else:
+            t.uniform_(0.8, 1.2, generator=g)
+        out[key] = t
+    return out
+
+
+def adopt(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """load_state_dict(strict, assign): the module holds the given tensors themselves (shared, not copied)."""
+    module.load_state_dict(state, strict=True, assign=True)
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if t.is_meta:
+            raise RuntimeError(f"{type(module).__name__}.{name} left on the meta device")
+    return module.eval()
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def ldm_variant(cfg, ckpt: dict, spec: str, device: torch.device) -> torch.nn.Module:
+    """A LatentDiffusion on the shared tensors, with the opt-in fast paths named in `spec`
+    ("ldm", "ldm+prepack", "ldm+channels_last+sliced", ...)."""
+    model = adopt(build_model(cfg, device="meta"), ckpt)
+    model.alphas_cumprod = model.alphas_cumprod.to(device)
+    for option in spec.split("+")[1:]:
+        if option == "prepack":
+            fast.prepack(model)
+        elif option == "channels_last":
+            fast.channels_last(model)
+        elif option == "compile":
+            fast.compile_module(model.unet)
+            fast.compile_module(model.vae.decoder)
+        elif option == "cudagraphs":  # compile + CUDA graphs (accelerators; one capture per input shape)
+            fast.compile_module(model.unet, mode="reduce-overhead")
+        elif option in ("sdpa", "sliced", "math"):
+            set_attention_backend(model, option)
+        elif option == "tiled":
+            tiling.enable_tiled_decode(model.vae)
+        else:
+            raise SystemExit(f"unknown ldm option {option!r} in {spec!r}")
+    return model
+
+
+def diffusers_variant(original_config: dict, ckpt: dict, spec: str, text_config=None):
+    """diffusers' UNet and VAE (and transformers' CLIPTextModel) through diffusers' converters."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
+                                                     convert_ldm_vae_checkpoint, create_unet_diffusers_config_from_ldm,
+                                                     create_vae_diffusers_config_from_ldm)
+
+    unet_config = create_unet_diffusers_config_from_ldm(original_config, ckpt)
+    vae_config = create_vae_diffusers_config_from_ldm(original_config, ckpt)
+    with torch.device("meta"):
+        unet, vae = UNet2DConditionModel(**unet_config), AutoencoderKL(**vae_config)
+    parts = {"unet": adopt(unet, convert_ldm_unet_checkpoint(ckpt, unet_config)),
+             "vae": adopt(vae, convert_ldm_vae_checkpoint(ckpt, vae_config))}
+    if text_config is not None:
+        import dataclasses
+
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        # ldm's CLIPTextConfig uses transformers' field names (ViT-L/14 unless the yaml says otherwise)
+        with torch.device("meta"):
+            text = CLIPTextModel(CLIPTextConfig(**dataclasses.asdict(text_config)))
+        state = convert_ldm_clip_checkpoint(ckpt)  # keys "text_model.*" (transformers 4.x layout)
+        if not any(k.startswith("text_model.") for k in text.state_dict()):  # transformers 5 drops that level
+            state = {k.removeprefix("text_model."): v for k, v in state.items()}
+        # position_ids: arange(77), a buffer transformers may or may not save; set it on the module
+        state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
+        embeddings = next(m for n, m in text.named_modules() if n.endswith("embeddings"))
+        text.load_state_dict(state, strict=False, assign=True)
+        device = next(iter(state.values())).device
+        embeddings.position_ids = torch.arange(text_config.max_position_embeddings, device=device)[None]
+        parts["text"] = adopt(text, text.state_dict())  # strict: every tensor came from the checkpoint
+    for option in spec.split("+")[1:]:
+        if option == "channels_last":
+            for part in parts.values():
+                part.to(memory_format=torch.channels_last)
+        else:
+            raise SystemExit(f"unknown diffusers option {option!r} in {spec!r}")
+    return parts
+
+
+def diffusers_pipeline(parts: dict, parameterization: str):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    # the original DDIM discretisation (ddim.py make_ddim_timesteps: 1 + range(0, 1000, 1000 // steps)) and
+    # final alpha = alphas_cumprod[0], as diffusers' converter sets it up for original checkpoints
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
+                              prediction_type="v_prediction" if parameterization == "v" else "epsilon")
+    pipe = StableDiffusionPipeline(vae=parts["vae"], text_encoder=parts["text"], tokenizer=None, unet=parts["unet"],
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ----------------------------------------------------------------------------------------------- memory
+
+
+class Meter:
+    """Peak memory of one call: CPU peak RSS (VmHWM, reset through /proc/self/clear_refs) or the
+    accelerator's max_memory_allocated."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.accel = None if device.type == "cpu" else torch.get_device_module(device)
+        self._libc = ctypes.CDLL("libc.so.6") if platform.system() == "Linux" else None
+
+    def _status(self, field: str) -> float:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024  # kB -> MB
+        return float("nan")
+
+    def start(self) -> None:
+        gc.collect()
+        if self.accel is not None:
+            self.accel.synchronize()
+            self.accel.reset_peak_memory_stats(self.device)
+            self.base = self.accel.memory_allocated(self.device) / 2**20
+            return
+        if self._libc is not None:
+            self._libc.malloc_trim(0)  # hand freed heap back so the baseline is what is really held
+        with contextlib.suppress(OSError):
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the peak RSS counter (Linux >= 4.0)
+        self.base = self._status("VmRSS")
+
+    def stop(self) -> tuple[float, float]:
+        if self.accel is not None:
+            self.accel.synchronize()
+            peak = self.accel.max_memory_allocated(self.device) / 2**20
+        else:
+            peak = self._status("VmHWM")
+        return peak, peak - self.base
+
+
+def weight_mb(module: torch.nn.Module, shared: set[int]) -> float:
+    """Memory the variant holds beyond the shared checkpoint tensors (re-laid-out or packed copies)."""
+    own = sum(p.numel() * p.element_size() for p in module.parameters() if p.untyped_storage().data_ptr() not in shared)
+    return (own + fast.packed_bytes(module)) / 2**20
+
+
+# ------------------------------------------------------------------------------------------------ timing
+
+
+def alternate(calls: dict, rounds: int, meter: Meter, warmup: bool) -> tuple[dict, dict]:
+    """Run every call once per round, in turn; the first (untimed when warmup) output of each is kept."""
+    outputs, samples = {}, {name: [] for name in calls}
+    if warmup:
+        for name, call in calls.items():
+            outputs[name] = call()
+    for r in range(rounds):
+        for name, call in calls.items():
+            meter.start()
+            c0, t0 = time.process_time(), time.perf_counter()
+            out = call()
+            if meter.accel is not None:
+                meter.accel.synchronize()
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            peak, rise = meter.stop()
+            outputs.setdefault(name, out)
+            samples[name].append({"wall_ms": 1e3 * wall, "cpu_ms": 1e3 * cpu, "peak_mb": peak, "rise_mb": rise})
+            print(f"  round {r} {name:28s} {1e3 * wall:10.0f} ms", flush=True)
+            del out
+    return outputs, samples
+
+
+def summarize(part: str, samples: dict, reference: str, extra: dict) -> list[dict]:
+    rows = []
+    ref = statistics.median(s["wall_ms"] for s in samples[reference]) if reference in samples else float("nan")
+    for name, runs in samples.items():
+        wall = statistics.median(s["wall_ms"] for s in runs)
+        rows.append({"part": part, "variant": name, "median_ms": wall,
+                     "cpu_ms": statistics.median(s["cpu_ms"] for s in runs), "ratio_vs_diffusers": wall / ref,
+                     "peak_mb": max(s["peak_mb"] for s in runs), "rise_mb": max(s["rise_mb"] for s in runs),
+                     "wall_ms": [round(s["wall_ms"], 1) for s in runs], **extra.get(name, {})})
+    return rows
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().float().cpu(), b.detach().float().cpu()
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# ------------------------------------------------------------------------------------------------- parts
+
+
+def bench_unet(cfg, models, dmodels, args, device, dtype, meter, h):
+    g = torch.Generator().manual_seed(args.seed + 1)
+    x = torch.randn(2, cfg.unet.in_channels, h, h, generator=g).to(device, dtype)
+    context = torch.randn(2, 77, cfg.unet.context_dim, generator=g).to(device, dtype)
+    t = torch.full((2,), 801, device=device)
+    calls = {name: (lambda m=m: m.unet(x, t, context)) for name, m in models.items()}
+    calls.update({name: (lambda d=d: d["unet"](x, t, encoder_hidden_states=context).sample)
+                  for name, d in dmodels.items()})
+    return alternate(calls, args.rounds, meter, warmup=True)
+
+
+def bench_vae(cfg, models, dmodels, args, device, dtype, meter, h):
+    g = torch.Generator().manual_seed(args.seed + 2)
+    z = (torch.randn(1, cfg.first_stage.embed_dim, h, h, generator=g) / cfg.scale_factor).to(device, dtype)
+    calls = {name: (lambda m=m: m.vae.decode(z)) for name, m in models.items()}
+    calls.update({name: (lambda d=d: d["vae"].decode(z).sample) for name, d in dmodels.items()})
+    return alternate(calls, args.rounds, meter, warmup=True)
+
+
+def bench_e2e(cfg, models, dmodels, args, device, dtype, meter, size):
+    g = torch.Generator().manual_seed(args.seed + 3)
+    x_T = torch.randn(1, 4, size // 8, size // 8, generator=g)
+    # the token ids ldm's tokenizer gives (transformers' CLIPTokenizer convention), for transformers' encoder
+    ids = [tokenize([p], 77, convention="transformers").ids.to(device) for p in (PROMPT, "")]
+
+    def run_ldm(model):
+        return pipeline.txt2img(model, PROMPT, steps=args.steps, H=size, W=size, x_T=x_T, seed=0, disable=True)
+
+    def run_diffusers(pipe):
+        cond, uncond = (pipe.text_encoder(i).last_hidden_state for i in ids)
+        out = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=x_T.to(device, dtype), height=size,
+                   width=size, num_inference_steps=args.steps, guidance_scale=7.5, output_type="pt")
+        return out.images.float().cpu()
+
+    calls = {name: (lambda m=m: run_ldm(m)) for name, m in models.items()}
+    pipes = {name: diffusers_pipeline(d, cfg.parameterization) for name, d in dmodels.items()}
+    calls.update({name: (lambda p=p: run_diffusers(p)) for name, p in pipes.items()})
+    return alternate(calls, args.rounds, meter, warmup=False)
+
+
+def seam_ratio(diff: torch.Tensor, edges_y: list[int], edges_x: list[int]) -> float:
+    """Mean jump of `diff` (tiled - plain) across the tile edges over its mean jump between any two
+    neighbouring pixels: ~1 when the tiles meet without a visible step, >> 1 for hard seams."""
+    dy, dx = (diff[:, :, 1:] - diff[:, :, :-1]).abs(), (diff[..., 1:] - diff[..., :-1]).abs()
+    at_edges = torch.cat([dy[:, :, [e - 1 for e in edges_y]].flatten(), dx[..., [e - 1 for e in edges_x]].flatten()])
+    return (at_edges.mean() / torch.cat([dy.flatten(), dx.flatten()]).mean()).item()
+
+
+def tile_edges(size: int, tile: int, overlap: int, f: int) -> list[int]:
+    edges = set()
+    for _, pixels, _ in tiling._axis_tiles(size, tile, overlap, f):
+        edges.update(e for e in (pixels.start, pixels.stop) if 0 < e < size * f)
+    return sorted(edges)
+
+
+def bench_tiling(cfg, model, args, device, dtype, meter) -> dict:
+    """ldm's tiled decode against its plain decode on smooth latents (upsampled noise, like image latents)."""
+    vae, f, out = model.vae, tiling.upsampling_factor(model.vae), {}
+    tile, overlap = args.tile
+
+    def latent(size):
+        g = torch.Generator().manual_seed(args.seed + size)
+        coarse = torch.randn(1, 4, size // f // 8, size // f // 8, generator=g) / cfg.scale_factor
+        return torch.nn.functional.interpolate(coarse, scale_factor=8, mode="bicubic").to(device, dtype)
+
+    def measure(fn):
+        meter.start()
+        t0 = time.perf_counter()
+        image = fn()
+        if meter.accel is not None:
+            meter.accel.synchronize()
+        wall = time.perf_counter() - t0
+        peak, rise = meter.stop()
+        return image.float().cpu(), {"ms": 1e3 * wall, "peak_mb": peak, "rise_mb": rise}
+
+    for size in args.tiling_compare:
+        z = latent(size)
+        plain, m_plain = measure(lambda: vae.decode(z))
+        tiled, m_tiled = measure(lambda: tiling.decode_tiled(vae, z, tile, overlap))
+        cut, _ = measure(lambda: tiling.decode_tiled(vae, z, tile, 0))  # control: tiles cut, not blended
+        edges = tile_edges(size // f, tile, overlap, f)
+        cut_edges = tile_edges(size // f, tile, 0, f)
+        out[f"compare_{size}"] = {
+            "plain": m_plain, "tiled": m_tiled, "tile": tile, "overlap": overlap,
+            "max_abs_diff": (tiled - plain).abs().max().item(), "mean_abs_diff": (tiled - plain).abs().mean().item(),
+            "seam_ratio_blended": seam_ratio(tiled - plain, edges, edges),
+            "seam_ratio_cut_control": seam_ratio(cut - plain, cut_edges, cut_edges),
+            "image_range": [plain.min().item(), plain.max().item()]}
+        print(f"  tiling {size}: {out[f'compare_{size}']}", flush=True)
+        del plain, tiled, cut
+    for size in args.tiling_large:
+        z = latent(size)
+        _, m_tiled = measure(lambda: tiling.decode_tiled(vae, z, *args.tile_large))
+        out[f"tiled_{size}"] = {**m_tiled, "tile": args.tile_large[0], "overlap": args.tile_large[1]}
+        print(f"  tiling {size}: {m_tiled}", flush=True)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+def run_config(args, config_path: str, size: int, dtype_name: str) -> dict:
+    device, dtype = torch.device(args.device), DTYPES[dtype_name]
+    cfg = load_config(ROOT / config_path)
+    with open(ROOT / config_path) as f:
+        original_config = yaml.safe_load(f)
+    meter = Meter(device)
+    print(f"== {config_path} {size}x{size} {dtype_name} on {device}", flush=True)
+    t0 = time.time()
+    ckpt = random_checkpoint(build_model(cfg, device="meta").state_dict(), args.seed)
+    ckpt = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in ckpt.items()}
+    shared = {v.untyped_storage().data_ptr() for v in ckpt.values()}
+    print(f"  random checkpoint: {sum(v.numel() for v in ckpt.values()) / 1e6:.0f}M values, "
+          f"{time.time() - t0:.0f} s", flush=True)
+
+    parts = args.parts
+    with_text = "e2e" in parts and not cfg.cond_stage.is_openclip
+    if "e2e" in parts and not with_text:
+        print("  e2e skipped: the diffusers side needs transformers' CLIP text model (v1 configs only)")
+        parts = [p for p in parts if p != "e2e"]
+    models = {spec: ldm_variant(cfg, ckpt, spec, device) for spec in args.ldm}
+    text_config = (cfg.cond_stage.text_config or CLIPTextConfig()) if with_text else None
+    dmodels = {spec: diffusers_variant(original_config, ckpt, spec, text_config) for spec in args.diffusers}
+    reference = args.diffusers[0] if args.diffusers else None
+    if reference is None:
+        parts = [p for p in parts if p == "tiling"]  # nothing to compare the timings with
+    result = {"config": config_path, "size": size, "dtype": dtype_name, "parity": {}, "rows": []}
+    benches = {"unet": (bench_unet, size // 8), "vae": (bench_vae, size // 8), "e2e": (bench_e2e, size)}
+    for part in [p for p in parts if p in benches]:
+        fn, arg = benches[part]
+        print(f"-- {part}", flush=True)
+        outputs, samples = fn(cfg, models, dmodels, args, device, dtype, meter, arg)
+        ref_out = outputs[reference]
+        result["parity"][part] = {name: rel_err(o, ref_out) for name, o in outputs.items() if name != reference}
+        if part == "e2e":
+            result["parity"]["e2e_max_abs"] = {name: (o.float() - ref_out.float()).abs().max().item()
+                                               for name, o in outputs.items() if name != reference}
+        print(f"  parity vs {reference} (max abs diff / max abs): {result['parity'][part]}", flush=True)
+        # after the calls: packed copies are built on first use
+        extra = {name: weight_mb(m, shared) for name, m in models.items()}
+        extra.update({name: sum(weight_mb(p, shared) for p in d.values()) for name, d in dmodels.items()})
+        extra_rows = {n: {"weights_plus_mb": extra[n], "parity_vs_diffusers": result["parity"][part].get(n)}
+                      for n in samples}
+        result["rows"] += summarize(part, samples, reference, extra_rows)
+        del outputs, ref_out
+        # ready for the next part: drop the samples' tensors
+        gc.collect()
+    if "tiling" in parts:
+        print("-- tiling", flush=True)
+        result["tiling"] = bench_tiling(cfg, models[args.ldm[0]], args, device, dtype, meter)
+    return result
+
+
+def print_table(result: dict) -> None:
+    print(f"\n{result['config']}  {result['size']}x{result['size']}  {result['dtype']}")
+    head = f"{'part':5s} {'variant':28s} {'median ms':>10s} {'cpu ms':>9s} {'ratio':>6s} {'peak MB':>8s} " \
+           f"{'rise MB':>8s} {'weights+':>9s} {'parity':>9s}"
+    print(head)
+    print("-" * len(head))
+    for r in result["rows"]:
+        parity = r.get("parity_vs_diffusers")
+        print(f"{r['part']:5s} {r['variant']:28s} {r['median_ms']:10.0f} {r['cpu_ms']:9.0f} "
+              f"{r['ratio_vs_diffusers']:6.3f} {r['peak_mb']:8.0f} {r['rise_mb']:8.0f} {r['weights_plus_mb']:9.0f} "
+              f"{'' if parity is None else f'{parity:.1e}':>9s}")
+    if "tiling" in result:
+        for key, value in result["tiling"].items():
+            print(f"tiling {key}: {json.dumps(value)}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--config", default="configs/stable-diffusion/v1-inference.yaml")
+    p.add_argument("--size", type=int, default=None, help="image side in px (default: 256 on CPU, 512 else)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--matrix", action="store_true", help="GPU matrix: v1 512 px and v2 768 px, fp16 and bf16")
+    p.add_argument("--parts", default="unet,vae,e2e", help="comma list of unet, vae, e2e, tiling")
+    p.add_argument("--ldm", default=None,
+                   help="ldm variants, comma list of ldm[+prepack][+channels_last][+compile][+cudagraphs]"
+                        "[+sliced|+math] (default: ldm,ldm+prepack on CPU, ldm,ldm+channels_last else)")
+    p.add_argument("--diffusers", default="diffusers", help="diffusers variants: diffusers[+channels_last]")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=25, help="DDIM steps of the e2e part")
+    p.add_argument("--tiling-compare", default="512", help="sizes decoded plain and tiled (comma list)")
+    p.add_argument("--tile", default="32,8", help="latent tile,overlap for --tiling-compare (32 = 256 px)")
+    p.add_argument("--tiling-large", default="2048", help="sizes decoded tiled only (comma list)")
+    p.add_argument("--tile-large", default="64,16", help="latent tile,overlap for --tiling-large")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+    args.parts = args.parts.split(",")
+    if args.ldm is None:
+        args.ldm = "ldm,ldm+prepack" if args.device == "cpu" else "ldm,ldm+channels_last"
+    args.ldm, args.diffusers = args.ldm.split(","), [d for d in args.diffusers.split(",") if d]
+    args.tile, args.tile_large = (tuple(int(v) for v in t.split(",")) for t in (args.tile, args.tile_large))
+    args.tiling_compare = [int(s) for s in args.tiling_compare.split(",") if s]
+    args.tiling_large = [int(s) for s in args.tiling_large.split(",") if s]
+    if args.size is None:
+        args.size = 256 if args.device == "cpu" else 512
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import diffusers
+    import transformers
+
+    meta = {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "device": args.device, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "load_avg_start": os.getloadavg(), "argv": sys.argv[1:]}
+    if args.device != "cpu":
+        meta["device_name"] = torch.get_device_module(args.device).get_device_name(torch.device(args.device))
+    runs = MATRIX if args.matrix else [(args.config, args.size, args.dtype)]
+    results = []
+    for config_path, size, dtype_name in runs:
+        results.append(run_config(args, config_path, size, dtype_name))
+        gc.collect()
+    meta["load_avg_end"] = os.getloadavg()
+    for result in results:
+        print_table(result)
+    print(f"\nload average start {meta['load_avg_start']}, end {meta['load_avg_end']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": meta, "runs": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
