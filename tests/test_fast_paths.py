@@ -23,14 +23,7 @@ from tests.tiny_models import tiny_config_path, tiny_model
 needs_prepack = pytest.mark.skipif(not fast.prepack_supported(), reason="torch built without oneDNN")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models are a few hundred small ops; on a busy 2-core machine a second OpenMP thread only adds a
-    # barrier wait per op (measured: 24 s instead of 106 s for this file under load). Restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

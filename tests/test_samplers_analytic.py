@@ -22,14 +22,7 @@ from make_fixtures_samplers import MU, S, gaussian_denoiser
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "samplers_parity.pt"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are tiny: intra-op threads only add synchronization (10x slower on a loaded
-    2-core machine). Restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def exact(x, sigma_from, sigma_to):

@@ -30,14 +30,7 @@ FIXTURE = Path(__file__).resolve().parent / "fixtures" / "samplers_parity.pt"
 RTOL = 2e-5  # of the largest reference value, see the docstring
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are tiny: intra-op threads only add synchronization (10x slower on a loaded
-    2-core machine). Restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
