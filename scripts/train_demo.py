@@ -1,7 +1,7 @@
 """Train the shipped demo model from scratch: the KL autoencoder, then the UNet with its tiny CLIP text encoder.
 
     python scripts/train_demo.py                       # both stages with the defaults below
-    python scripts/train_demo.py --unet-steps 1500     # continue a finished run to more steps (resumes)
+    python scripts/train_demo.py --unet-steps 2400     # continue a finished run to more steps (resumes)
 
 Data: the procedural world of ldm/demo/world.py (training split; held-out combinations never seen).
 Outputs:
@@ -56,16 +56,29 @@ def parse_args(argv=None):
                         "deterministic only with a fixed number")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--vae-steps", type=int, default=700)
-    p.add_argument("--vae-batch", type=int, default=8)
+    p.add_argument("--vae-steps", type=int, default=1000)
+    p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-crop", type=int, default=0,
                    help="train the VAE on random crops of this size (0: whole images; crops of 32 px, tried first, "
                         "rarely hold a whole shape and learnt shape colours slowly)")
     p.add_argument("--vae-lr", type=float, default=2e-3)
-    p.add_argument("--unet-steps", type=int, default=500)
+    p.add_argument("--vae-logvar-init", type=float, default=-8.0,
+                   help="initial posterior log-variance (see ldm/train/autoencoder.py)")
+    p.add_argument("--unet-steps", type=int, default=1500)
     p.add_argument("--unet-batch", type=int, default=32)
     p.add_argument("--unet-lr", type=float, default=1e-3)
-    p.add_argument("--latent-pool", type=int, default=2048,
+    p.add_argument("--latent-scale", type=float, default=0.5,
+                   help="scale_factor = this / std of the latents. 1 is the original's scale_by_std; 0.5 lowers "
+                        "the signal-to-noise ratio at every timestep 4x (input scaling, Chen 2023, 'On the "
+                        "importance of noise scheduling for diffusion models'): on flat-colour images the "
+                        "background and the shape's place stay readable from x_t up to t = 999 at scale 1, and a "
+                        "model that learns to read them there takes them from the seed's noise at sampling time")
+    p.add_argument("--offset-noise", type=float, default=0.1,
+                   help="per-channel noise offset in training (ldm/train/diffusion.py); 0 is the original")
+    p.add_argument("--ema-decay", type=float, default=0.995,
+                   help="EMA decay of the UNet weights (the original's 0.9999 averages over ~10k steps, longer "
+                        "than this whole run; 0.995 averages over the last ~200 steps)")
+    p.add_argument("--latent-pool", type=int, default=8192,
                    help="encode this many training images once and draw batches from their posteriors (0: "
                         "encode every batch)")
     p.add_argument("--ckpt-every", type=int, default=100)
@@ -91,7 +104,8 @@ def train_autoencoder(args, work: Path) -> dict:
     ckpt = work / "autoencoder.ckpt"
     opts = TrainOptions(steps=args.vae_steps, batch_size=args.vae_batch, lr=args.vae_lr, lr_min=args.vae_lr / 10,
                         warmup=50, precision=args.precision, seed=args.seed, log_every=10,
-                        ckpt_every=100, extra={"kl_weight": 1e-6, "crop": args.vae_crop})
+                        ckpt_every=100, extra={"kl_weight": 1e-6, "crop": args.vae_crop,
+                                                     "logvar_init": args.vae_logvar_init})
     with torch.random.fork_rng():
         torch.manual_seed(args.seed)
         vae = build_model(cfg).first_stage_model  # random init from the seed
@@ -102,11 +116,12 @@ def train_autoencoder(args, work: Path) -> dict:
     start = time.time()
     records = trainer.fit(ckpt, work / "autoencoder_loss.jsonl", desc="autoencoder",
                           before_step=adapt_threads(args))
-    # scale_factor: 1 / std of posterior samples of 256 fixed world images (the original's scale_by_std)
+    # scale_factor: latent_scale / std of posterior samples of 256 fixed world images (1 / std: the original's
+    # scale_by_std)
     gen = torch.Generator().manual_seed(args.seed + 1)
     images, _ = world_data(256, gen)
     std = latent_std(trainer.vae, images, gen)
-    write_config(CONFIG, CONFIG, 1.0 / std)
+    write_config(CONFIG, CONFIG, args.latent_scale / std)
     return {"steps": trainer.step, "wall_s": round(time.time() - start, 1), "latent_std": std,
             "final": records[-1] if records else None}
 
@@ -116,7 +131,8 @@ def train_diffusion(args, work: Path) -> dict:
     ckpt = work / "ldm.ckpt"
     opts = TrainOptions(steps=args.unet_steps, batch_size=args.unet_batch, lr=args.unet_lr, lr_min=args.unet_lr / 20,
                         warmup=100, precision=args.precision, seed=args.seed + 1, log_every=10,
-                        ckpt_every=args.ckpt_every, extra={"cond_dropout": 0.1, "ema_decay": 0.999,
+                        ckpt_every=args.ckpt_every, extra={"cond_dropout": 0.1, "ema_decay": args.ema_decay,
+                                              "offset_noise": args.offset_noise,
                                               "latent_pool": args.latent_pool})
     with torch.random.fork_rng():
         torch.manual_seed(args.seed + 1)

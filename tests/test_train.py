@@ -104,6 +104,21 @@ def test_short_autoencoder_run_lowers_the_loss():
     assert held_out_loss() < 0.9 * before
 
 
+def test_logvar_init_starts_the_posterior_narrow():
+    vae = make_model().first_stage_model
+    half = vae.quant_conv.bias.shape[0] // 2
+    mean_bias = vae.quant_conv.bias[:half].detach().clone()
+    AutoencoderTrainer(vae, data, TrainOptions(steps=1, batch_size=2, extra={"logvar_init": -8.0}))
+    bias = vae.quant_conv.bias.detach()
+    assert torch.equal(bias[:half], mean_bias)  # the posterior means are left alone
+    assert torch.equal(bias[half:], torch.full((half,), -8.0))
+    images, _ = data(2, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        logvar = vae.encode(images).logvar
+    # the random 1x1 weights add a spread of order 1 around the bias: the default init is centred near 0
+    assert -9.5 < float(logvar.mean()) < -6.5
+
+
 def test_short_diffusion_run_lowers_the_loss():
     trainer = diffusion_trainer(steps=30, train_text=True)
     fixed = torch.Generator()
@@ -118,6 +133,21 @@ def test_short_diffusion_run_lowers_the_loss():
     assert len(records) == 30 and all(math.isfinite(r["loss"]) for r in records)
     # a random UNet's eps-prediction error is above the 1.0 of predicting zero; 30 steps get it well below
     assert fixed_loss() < 0.8 * before
+
+
+def test_offset_noise_adds_a_per_channel_constant():
+    def noise_power(offset):
+        trainer = diffusion_trainer(steps=1, offset_noise=offset)
+        trainer.opts = trainer.opts.with_(batch_size=32)
+        # a model that predicts 0: the eps loss is then the mean square of the noise it was trained against
+        trainer.model.apply_model = lambda z_t, t, context: torch.zeros_like(z_t)
+        with torch.no_grad():
+            return float(trainer.loss(torch.Generator().manual_seed(3))[0])
+
+    # E[(n + s o)^2] = 1 + s^2 for n, o ~ N(0, 1); 32 x 4 offsets drawn, so the s = 1 term has a relative
+    # standard deviation of sqrt(2 / 128) = 0.125: the bounds are 4 of those apart from 2
+    assert 0.95 < noise_power(0.0) < 1.05
+    assert 1.5 < noise_power(1.0) < 2.5
 
 
 def test_training_is_deterministic_given_the_seed():

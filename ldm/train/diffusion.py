@@ -16,6 +16,14 @@ generator of their own, seeded from the run's seed) and each step draws B of the
 SAMPLE is still fresh every step. On a CPU the VAE encoder costs a third of a small UNet's training step;
 the world's nuisance variation is small, so a few thousand images cover it.
 
+Offset noise (opts.extra["offset_noise"] = s > 0; not in the original): noise = N(0, I) + s * N(0, 1) per
+(sample, channel), constant over the latent's pixels (Guttenberg 2023, "Diffusion with offset noise"). With
+the SD schedule the last step keeps sqrt(alphas_cumprod[999]) = 0.068 of the signal, and the per-channel
+MEAN of x_T averages the pixel noise down 16x on a 16x16 latent, so a model trained on flat-colour images
+reads the background colour off the mean of x_T instead of the caption (Lin et al. 2024, "Common diffusion
+noise schedules and sample steps are flawed"); pure-noise x_T at sampling time then gives off-palette
+backgrounds decided by the seed. The offset hides that mean. Sampling is unchanged.
+
 The EMA (ldm/train/ema.py, LitEma names) tracks the DiffusionWrapper `model` only, as the original does
 even when the text encoder trains. Draws per step from the run's generator, in order: the batch seed, the
 posterior sample, the dropout mask, the timesteps, the noise (with a latent pool: the pool indices, the
@@ -65,6 +73,7 @@ class DiffusionTrainer(Trainer):
         self.model = model.to(device)
         self.data = data
         self.cond_dropout = float(opts.extra.get("cond_dropout", 0.1))
+        self.offset_noise = float(opts.extra.get("offset_noise", 0.0))
         self.train_text = bool(opts.extra.get("train_text", model.config.cond_stage_trainable))
         model.eval().requires_grad_(False)
         model.model.train().requires_grad_(True)
@@ -110,7 +119,10 @@ class DiffusionTrainer(Trainer):
         z0, captions = self.latents(generator)
         captions = drop_captions(captions, self.cond_dropout, generator)
         t = torch.randint(0, model.num_timesteps, (z0.shape[0],), generator=generator).to(self.device)
-        noise = torch.randn(z0.shape, generator=generator).to(self.device)
+        noise = torch.randn(z0.shape, generator=generator)
+        if self.offset_noise:
+            noise = noise + self.offset_noise * torch.randn(z0.shape[:2] + (1, 1), generator=generator)
+        noise = noise.to(self.device)
         z_t = q_sample(z0, t, noise, model.alphas_cumprod)
         target = diffusion_target(z0, t, noise, model.alphas_cumprod, model.parameterization)
         context = model.encode_text(captions)
