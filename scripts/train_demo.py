@@ -33,7 +33,7 @@ from ldm.demo import world  # noqa: E402
 from ldm.models.latent_diffusion import build_model  # noqa: E402
 from ldm.train.autoencoder import AutoencoderTrainer, latent_std  # noqa: E402
 from ldm.train.checkpoint_io import export_pruned, write_config  # noqa: E402
-from ldm.train.diffusion import DiffusionTrainer  # noqa: E402
+from ldm.train.diffusion import DiffusionTrainer, init_token_embeddings  # noqa: E402
 from ldm.train.loop import TrainOptions  # noqa: E402
 
 CONFIG = ROOT / "configs/demo/shapes-v1.yaml"
@@ -73,6 +73,13 @@ def parse_args(argv=None):
                         "importance of noise scheduling for diffusion models'): on flat-colour images the "
                         "background and the shape's place stay readable from x_t up to t = 999 at scale 1, and a "
                         "model that learns to read them there takes them from the seed's noise at sampling time")
+    p.add_argument("--parameterization", default="v", choices=["eps", "v"],
+                   help="what the UNet predicts (written into the yaml). eps (SD v1) weights the error of the "
+                        "predicted image by the signal-to-noise ratio, 0.005 at t = 999, so the steps that decide "
+                        "the layout barely train; v (SD v2, Salimans & Ho 2022) weights it by SNR + 1")
+    p.add_argument("--token-embedding-std", type=float, default=1.0,
+                   help="initial std of the text encoder's token embeddings (ldm/train/diffusion.py "
+                        "init_token_embeddings); 0 keeps CLIP's 0.02")
     p.add_argument("--offset-noise", type=float, default=0.1,
                    help="per-channel noise offset in training (ldm/train/diffusion.py); 0 is the original")
     p.add_argument("--ema-decay", type=float, default=0.995,
@@ -137,6 +144,9 @@ def train_diffusion(args, work: Path) -> dict:
     with torch.random.fork_rng():
         torch.manual_seed(args.seed + 1)
         model = build_model(cfg)
+    if args.token_embedding_std:
+        init_token_embeddings(model.cond_stage_model, args.token_embedding_std,
+                              torch.Generator().manual_seed(args.seed + 2))
     vae_state = torch.load(work / "autoencoder.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     model.first_stage_model.load_state_dict(vae_state, strict=True)
     trainer = DiffusionTrainer(model, world_data, opts, args.device)
@@ -160,6 +170,7 @@ def main(argv=None):
     work.mkdir(parents=True, exist_ok=True)
     report = json.loads(REPORT.read_text()) if REPORT.exists() else {}
     report["args"] = vars(args)
+    write_config(CONFIG, CONFIG, parameterization=args.parameterization)
     start = time.time()
     report["autoencoder"] = train_autoencoder(args, work)
     report["diffusion"] = train_diffusion(args, work)

@@ -17,8 +17,8 @@ from ldm.demo import world
 from ldm.loader import ema_key
 from ldm.models.latent_diffusion import build_model
 from ldm.train.autoencoder import AutoencoderTrainer, autoencoder_loss
-from ldm.train.checkpoint_io import export_pruned
-from ldm.train.diffusion import DiffusionTrainer, q_sample
+from ldm.train.checkpoint_io import export_pruned, write_config
+from ldm.train.diffusion import DiffusionTrainer, diffusion_target, init_token_embeddings, q_sample
 from ldm.train.ema import LitEma
 from ldm.train.loop import TrainOptions, learning_rate
 from tests.tiny_models import tiny_config_path
@@ -84,6 +84,49 @@ def test_q_sample_matches_the_forward_process():
     out = q_sample(z0, torch.tensor([0, 1]), noise, ac)
     # sqrt(a) z0 + sqrt(1 - a) noise: 0.5 + 0.866 * 2, 0.8 + 0.6 * 2
     torch.testing.assert_close(out.flatten(), torch.tensor([0.5 + 2 * 0.75**0.5, 0.8 + 1.2]))
+
+
+def test_v_target_inverts_to_the_clean_latent_and_the_noise():
+    # Salimans & Ho 2022, eq. 9 and the original's predict_start_from_z_and_v / predict_eps_from_z_and_v:
+    # z0 = sqrt(a) z_t - sqrt(1 - a) v and eps = sqrt(1 - a) z_t + sqrt(a) v, for every timestep
+    ac = torch.tensor([0.9991, 0.5, 0.0047])
+    g = torch.Generator().manual_seed(0)
+    z0, noise = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
+    t = torch.arange(3)
+    z_t, v = q_sample(z0, t, noise, ac), diffusion_target(z0, t, noise, ac, "v")
+    a = ac[:, None, None, None]
+    torch.testing.assert_close(a.sqrt() * z_t - (1 - a).sqrt() * v, z0)
+    torch.testing.assert_close((1 - a).sqrt() * z_t + a.sqrt() * v, noise)
+    assert torch.equal(diffusion_target(z0, t, noise, ac, "eps"), noise)
+    with pytest.raises(ValueError, match="parameterization"):
+        diffusion_target(z0, t, noise, ac, "x0")
+
+
+def test_write_config_sets_scale_and_parameterization(tmp_path):
+    out = write_config("configs/demo/shapes-v1.yaml", tmp_path / "c.yaml", 0.125, parameterization="v")
+    cfg = load_config(out)
+    assert cfg.scale_factor == 0.125 and cfg.parameterization == "v"
+    assert "# The demo model" in out.read_text()  # comments kept
+    again = write_config(out, tmp_path / "d.yaml", parameterization="eps")
+    assert load_config(again).parameterization == "eps" and load_config(again).scale_factor == 0.125
+    (tmp_path / "bad.yaml").write_text("model:\n  params:\n    timesteps: 1000\n")
+    with pytest.raises(ValueError, match="scale_factor"):
+        write_config(tmp_path / "bad.yaml", tmp_path / "e.yaml", 1.0)
+
+
+def test_init_token_embeddings_redraws_only_the_token_table():
+    model = make_model()
+    text = model.cond_stage_model
+    before = {k: v.clone() for k, v in text.state_dict().items()}
+    init_token_embeddings(text, 1.0, torch.Generator().manual_seed(5))
+    key = "transformer.text_model.embeddings.token_embedding.weight"
+    table = text.state_dict()[key]
+    # a (vocab x width) table of N(0, 1) draws: the sample std is within a few 1/sqrt(n) of 1
+    assert abs(float(table.std()) - 1.0) < 0.05
+    assert all(torch.equal(v, before[k]) for k, v in text.state_dict().items() if k != key)
+    again = make_model().cond_stage_model
+    init_token_embeddings(again, 1.0, torch.Generator().manual_seed(5))
+    assert torch.equal(again.state_dict()[key], table)  # deterministic given the generator
 
 
 def test_short_autoencoder_run_lowers_the_loss():

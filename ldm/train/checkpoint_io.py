@@ -110,14 +110,20 @@ def export_pruned(ckpt_path: str | os.PathLike, out_path: str | os.PathLike,
     return out_path
 
 
-def write_config(template: str | os.PathLike, out: str | os.PathLike, scale_factor: float) -> Path:
-    """Copy an original-format yaml, setting model.params.scale_factor (comments and layout are kept)."""
+def write_config(template: str | os.PathLike, out: str | os.PathLike, scale_factor: float | None = None,
+                 parameterization: str | None = None) -> Path:
+    """Copy an original-format yaml, setting model.params.scale_factor and/or .parameterization (comments and
+    layout are kept; each key must occur once, as in the original configs)."""
     text = Path(template).read_text()
-    new, count = re.subn(r"(?m)^(\s+scale_factor:\s*)\S+", lambda m: f"{m.group(1)}{scale_factor:.6g}", text)
-    if count != 1:
-        raise ValueError(f"{template}: expected one scale_factor line, found {count}")
+    for key, value in (("scale_factor", None if scale_factor is None else f"{scale_factor:.6g}"),
+                       ("parameterization", parameterization)):
+        if value is None:
+            continue
+        text, count = re.subn(rf"(?m)^(\s+{key}:\s*)\S+", lambda m: f"{m.group(1)}{value}", text)
+        if count != 1:
+            raise ValueError(f"{template}: expected one {key} line, found {count}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if not out.exists() or out.read_text() != new:
-        out.write_text(new)
+    if not out.exists() or out.read_text() != text:
+        out.write_text(text)
     return out
