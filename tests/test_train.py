@@ -7,6 +7,7 @@ All on tests/configs/tiny-v1.yaml (f = 2) with 32 px images of the demo world, f
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from ldm.train.loop import TrainOptions, learning_rate
 from tests.tiny_models import tiny_config_path
 
 CONFIG = tiny_config_path("tiny-v1")
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs/demo/shapes-v1.yaml"
 
 
 def data(n, generator):
@@ -103,7 +105,7 @@ def test_v_target_inverts_to_the_clean_latent_and_the_noise():
 
 
 def test_write_config_sets_scale_and_parameterization(tmp_path):
-    out = write_config("configs/demo/shapes-v1.yaml", tmp_path / "c.yaml", 0.125, parameterization="v")
+    out = write_config(DEMO_CONFIG, tmp_path / "c.yaml", 0.125, parameterization="v")
     cfg = load_config(out)
     assert cfg.scale_factor == 0.125 and cfg.parameterization == "v"
     assert "# The demo model" in out.read_text()  # comments kept
