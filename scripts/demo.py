@@ -42,14 +42,9 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
     if not CKPT.exists():
-        # The trained demo model is not shipped yet (scripts/train_demo.py makes it): show how to generate
-        # with a real checkpoint instead, and say so rather than fail.
-        from ldm import cli
-
-        print(f"demo: no demo model at {CKPT.relative_to(ROOT)} yet; train it with scripts/train_demo.py.\n"
-              "txt2img usage for a real Stable Diffusion checkpoint:\n")
-        cli.build_parser("txt2img").print_help()
-        return
+        # Shipped with the repository; missing only when deleted or not checked out. Say how to rebuild it.
+        raise SystemExit(f"demo: the demo model {CKPT.relative_to(ROOT)} is missing; check it out again "
+                         "(git checkout -- checkpoints/demo) or retrain it with scripts/train_demo.py")
 
     start = time.time()
     import numpy as np

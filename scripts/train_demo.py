@@ -1,7 +1,12 @@
 """Train the shipped demo model from scratch: the KL autoencoder, then the UNet with its tiny CLIP text encoder.
 
     python scripts/train_demo.py                       # both stages with the defaults below
-    python scripts/train_demo.py --unet-steps 2400     # continue a finished run to more steps (resumes)
+    python scripts/train_demo.py --unet-steps 5000     # continue a finished run to more steps (resumes)
+
+The shipped model is exactly these two commands: the UNet's cosine schedule ran over 3200 steps, then the
+second command resumed it with a 5000-step schedule (a warm restart: the learning rate jumps back to 3.3e-4 and
+decays to 5e-5 again). That second phase was added after measuring the first: 35 of 40 seen prompts at 3200
+steps, under the issue's bar of 90%.
 
 Data: the procedural world of ldm/demo/world.py (training split; held-out combinations never seen).
 Outputs:
@@ -56,7 +61,10 @@ def parse_args(argv=None):
                         "deterministic only with a fixed number")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--vae-steps", type=int, default=1000)
+    p.add_argument("--vae-steps", type=int, default=2500,
+                   help="the shapes' corners are what the VAE learns last: on 200 world images the evaluator reads "
+                        "the reconstruction's shape right for 0.82 after 1000 steps (a 1000-step schedule), 0.97 "
+                        "after 1500 of a 3000-step one, and 0.995 (L1 0.029) after these 2500")
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-crop", type=int, default=0,
                    help="train the VAE on random crops of this size (0: whole images; crops of 32 px, tried first, "
@@ -64,7 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--vae-logvar-init", type=float, default=-8.0,
                    help="initial posterior log-variance (see ldm/train/autoencoder.py)")
-    p.add_argument("--unet-steps", type=int, default=1500)
+    p.add_argument("--unet-steps", type=int, default=3200,
+                   help="the shipped model continued this run to 5000 (see the module docstring)")
     p.add_argument("--unet-batch", type=int, default=32)
     p.add_argument("--unet-lr", type=float, default=1e-3)
     p.add_argument("--latent-scale", type=float, default=0.5,
@@ -88,7 +97,7 @@ def parse_args(argv=None):
     p.add_argument("--latent-pool", type=int, default=8192,
                    help="encode this many training images once and draw batches from their posteriors (0: "
                         "encode every batch)")
-    p.add_argument("--ckpt-every", type=int, default=100)
+    p.add_argument("--ckpt-every", type=int, default=200)
     p.add_argument("--no-score", action="store_true", help="skip the final prompt-adherence evaluation")
     return p.parse_args(argv)
 
@@ -172,10 +181,14 @@ def main(argv=None):
     report["args"] = vars(args)
     write_config(CONFIG, CONFIG, parameterization=args.parameterization)
     start = time.time()
-    report["autoencoder"] = train_autoencoder(args, work)
-    report["diffusion"] = train_diffusion(args, work)
+    stages = {"autoencoder": train_autoencoder(args, work), "diffusion": train_diffusion(args, work)}
+    # Every invocation is one entry of "runs", with its own stage timings; the top-level stage entries keep the
+    # last run that trained each stage, so resuming a finished VAE stage does not erase its record.
+    for name, stage in stages.items():
+        if stage["final"] is not None or name not in report:
+            report[name] = stage
     report.setdefault("runs", []).append({"wall_s": round(time.time() - start, 1), "vae_steps": args.vae_steps,
-                                          "unet_steps": args.unet_steps, "threads": args.threads})
+                                          "unet_steps": args.unet_steps, "threads": args.threads, **stages})
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     REPORT.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(f"wrote {SHIPPED} ({SHIPPED.stat().st_size / 1e6:.1f} MB) and {CONFIG}; "

@@ -16,15 +16,11 @@ from ldm.train.demo_eval import score_model
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs/demo/shapes-v1.yaml"
 CKPT = ROOT / "checkpoints/demo/shapes-v1.safetensors"
-# The floor is well under the shipped model's measured score for these prompts and settings (recorded in
-# checkpoints/demo/train_report.json): it catches a broken load or sampler path, not a small regression.
-# Chance for the whole prompt is about 1/(6*3*5*5) = 0.2%.
+# The floor is well under the shipped model's measured score for these prompts and settings (7 of 8, 0.875,
+# when it was shipped; 0.90 on 40 seen prompts at 25 steps, checkpoints/demo/scores.md): it allows two more
+# misses, so it catches a broken load or sampler path, not a small regression. Chance for the whole prompt is
+# about 1/(6*3*5*5) = 0.2%.
 FLOOR = 0.6
-
-if not CKPT.exists():
-    # The demo model is trained by scripts/train_demo.py and shipped by the demo-model issue; until it lands
-    # there is nothing to score.
-    pytest.skip(f"no demo model shipped yet ({CKPT.relative_to(ROOT)})", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +30,7 @@ def model():
 
 def test_shipped_files_fit_the_budget():
     total = sum(f.stat().st_size for f in CKPT.parent.iterdir() if f.is_file())
-    assert total <= 25 * 1024 * 1024
+    assert total <= 25 * 10**6  # the issue's 25 MB, read in decimal megabytes (the stricter reading)
 
 
 def test_shipped_model_follows_seen_prompts(model):
