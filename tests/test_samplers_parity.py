@@ -187,6 +187,6 @@ def test_k_sampler_functions_are_exact(fx, name):
     print(f"{name}: max abs diff {diff:.2e}")
     # Same float32 operations in the same order, but the toy UNet's conv and the elementwise math round
     # differently on other CPUs (other vector kernels); over 10-20 steps that compounds: up to 5.0e-6 of max|out|
-    # (dpm2_a) on an AVX-512 Xeon against fixtures written on another machine (~40 float32 ulps). 2e-5 keeps a
-    # 4x margin and still fails on any change of formula (those move the output by 1e-3 or more).
+    # (dpm2_a) on an AVX-512 Xeon against fixtures written on another machine (~40 float32 ulps of max|out|);
+    # 2e-5 keeps a 4x margin over that rounding and nothing more.
     assert diff <= 2e-5 * scale
