@@ -33,7 +33,8 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm, trange
 
 import ldm
-from ldm import pipeline, png_info, samplers, schedules
+from ldm import fast, pipeline, png_info, samplers, schedules
+from ldm.models.attention import ATTENTION_BACKENDS, DEFAULT_SLICE_SIZE
 from ldm.samplers import SAMPLERS
 
 # every sampler takes "uniform"; the k-family also karras / exponential, the originals' family "quad"
@@ -42,6 +43,7 @@ PRECISIONS = {"full": torch.float32, "autocast": torch.float32, "fp16": torch.fl
 DPM_SOLVER = "dpm_solver"  # registry name of the original DPMSolverSampler (--dpm_solver)
 SAMPLE_NAME, SAMPLE_TEMPLATE = r"(\d{5,})\.png", "{:05}.png"
 GRID_NAME, GRID_TEMPLATE = r"grid-(\d{4,})\.png", "grid-{:04}.png"
+DEFAULT_TILE_OVERLAP = 16  # latent pixels: 128 px of cross-fade between 512 px tiles (ldm/tiling.py)
 
 EPILOG = ("Unlike the original scripts, no NSFW safety checker and no invisible watermark are applied "
           "(opt-in flags may be added later). All batches of a run draw their noise, in turn, from one CPU "
@@ -117,7 +119,33 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
                         "(float32 on the CPU); fp16/bf16: the model in that dtype")
     p.add_argument("--device", type=str, default=None,
                    help="torch device (default: the CUDA device if available, else cpu)")
+    add_speed_flags(p)
     return p
+
+
+def add_speed_flags(p: argparse.ArgumentParser) -> None:
+    """Opt-in fast and memory-saving paths (ldm/fast.py, ldm/tiling.py); every one is off by default. Those
+    that can change an image's pixels are recorded in its PNG and replayed by rerun.py (png_info.FAST_FIELDS)."""
+    g = p.add_argument_group("speed and memory (opt-in; see README, Speed)")
+    g.add_argument("--attention", choices=ATTENTION_BACKENDS, default=None,
+                   help="attention kernel: sdpa (default; fused kernels), sliced (bounded memory), math (reference)")
+    g.add_argument("--attention_slice", type=int, default=None,
+                   help=f"query rows per chunk of --attention sliced (default {DEFAULT_SLICE_SIZE}; implies sliced)")
+    g.add_argument("--prepack", action="store_true",
+                   help="CPU, float32: run convolutions and linear layers on weights prepacked once for oneDNN "
+                        "(faster; holds a second copy of those weights)")
+    g.add_argument("--channels_last", action="store_true", help="channels-last (NHWC) convolutions")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet and the VAE decoder (the first step of a new size compiles)")
+    g.add_argument("--vae_tile", type=int, default=None,
+                   help="decode in overlapping tiles of this many latent pixels (64 = 512 px), cross-faded: "
+                        "for images too large to decode whole")
+    g.add_argument("--vae_tile_overlap", type=int, default=None,
+                   help=f"latent pixels shared by neighbouring tiles (default {DEFAULT_TILE_OVERLAP})")
+    g.add_argument("--vae_slice", type=int, default=None, help="decode this many images at a time")
+    g.add_argument("--offload", action="store_true",
+                   help="accelerators: keep text encoder, UNet and VAE in CPU memory and move each to --device "
+                        "only while it runs")
 
 
 def default_device() -> torch.device:
@@ -191,6 +219,45 @@ def validate(opts: argparse.Namespace, mode: str) -> None:
     if os.path.exists(opts.outdir) and not os.path.isdir(opts.outdir):
         raise CLIError(f"--outdir {opts.outdir} exists and is not a directory")
     opts.device = resolve_device(opts.device)
+    validate_speed_flags(opts)
+
+
+def validate_speed_flags(opts: argparse.Namespace) -> None:
+    """Check the opt-in paths against each other and the device; fills in implied values."""
+    for name in ("attention_slice", "vae_tile", "vae_slice"):
+        if getattr(opts, name) is not None and getattr(opts, name) < 1:
+            raise CLIError(f"--{name} must be at least 1 (got {getattr(opts, name)})")
+    if opts.attention_slice is not None:
+        if opts.attention not in (None, "sliced"):
+            raise CLIError(f"--attention_slice applies to --attention sliced (got --attention {opts.attention})")
+        opts.attention = "sliced"
+    if opts.vae_tile is None:
+        if opts.vae_tile_overlap is not None:
+            raise CLIError("--vae_tile_overlap needs --vae_tile")
+    else:
+        if opts.vae_tile_overlap is None:
+            opts.vae_tile_overlap = min(DEFAULT_TILE_OVERLAP, opts.vae_tile // 2)
+        if not 0 <= 2 * opts.vae_tile_overlap <= opts.vae_tile:
+            raise CLIError(f"--vae_tile_overlap must be between 0 and half of --vae_tile "
+                           f"(got {opts.vae_tile_overlap} with --vae_tile {opts.vae_tile})")
+    if opts.prepack:
+        if opts.device.type != "cpu" or PRECISIONS[opts.precision] != torch.float32:
+            raise CLIError("--prepack applies to float32 on the CPU (--device cpu, --precision full or autocast)")
+        if not fast.prepack_supported():
+            raise CLIError("--prepack needs a torch build with oneDNN (mkldnn); this one has none")
+    if opts.offload and opts.device.type == "cpu":
+        raise CLIError("--offload moves the models between CPU memory and an accelerator; --device is the CPU")
+
+
+def apply_speed_flags(opts: argparse.Namespace, model) -> None:
+    """The opt-in paths of the command line, on the loaded model (in place)."""
+    fast.configure(model, attention=opts.attention, slice_size=opts.attention_slice, prepack_weights=opts.prepack,
+                   memory_format_cl=opts.channels_last, vae_tile=opts.vae_tile,
+                   vae_tile_overlap=opts.vae_tile_overlap or 0, vae_slice=opts.vae_slice,
+                   offload_to="cpu" if opts.offload else None, device=opts.device)
+    if opts.compile:
+        fast.compile_module(model.model.diffusion_model)
+        fast.compile_module(model.first_stage_model.decoder)
 
 
 def read_prompts(opts: argparse.Namespace) -> list[list[str]]:
@@ -224,8 +291,9 @@ def load_init_image(path: str, width: int | None = None, height: int | None = No
 
 def load(opts: argparse.Namespace):
     """The model on opts.device in the --precision dtype, checked against the flags (CLIError if not)."""
-    model = ldm.load_model(opts.config, opts.ckpt, device=opts.device, dtype=PRECISIONS[opts.precision],
-                           ema=not opts.no_ema, vae_path=opts.vae)
+    # with --offload the weights stay in CPU memory and each part visits the device only while it runs
+    model = ldm.load_model(opts.config, opts.ckpt, device="cpu" if opts.offload else opts.device,
+                           dtype=PRECISIONS[opts.precision], ema=not opts.no_ema, vae_path=opts.vae)
     if model.conditioning_key == "hybrid":
         raise CLIError("inpainting (hybrid) models are not supported by txt2img/img2img")
     unet, first_stage = model.config.unet, model.config.first_stage
@@ -234,6 +302,7 @@ def load(opts: argparse.Namespace):
     f = 2 ** (len(first_stage.ddconfig.ch_mult) - 1)
     if opts.f != f:
         raise CLIError(f"--f {opts.f} does not match the model's downsampling factor {f}")
+    apply_speed_flags(opts, model)
     return model
 
 
@@ -404,6 +473,8 @@ def rerun(args: argparse.Namespace) -> None:
         raise CLIError(f"{args.image}: {e}") from None
     opts.n_iter, opts.from_file = batch + 1, None  # replay the run up to the image's batch
     opts.config, opts.ckpt, opts.vae, opts.device, opts.outdir = args.config, args.ckpt, args.vae, args.device, args.outdir
+    if opts.prepack and resolve_device(opts.device).type != "cpu":
+        opts.prepack = False  # a CPU-only path; elsewhere the plain kernels (rounding may differ anyway)
     if mode == "img2img":  # resized to the recorded size, as the run did (rounding to multiples of 32)
         opts.init_img = args.init_img or fields.get("Init image")
     if ("VAE hash" in fields) != (opts.vae is not None):

@@ -166,6 +166,16 @@ FIELDS = (
 )
 
 
+# (infotext key, option name, type) of the opt-in paths that can change pixels: tiling changes the decode, the
+# others the summation order (last-bit rounding, which can flip a uint8 value). Written only when used, so a
+# PNG made on the plain path carries none; rerun leaves an absent one at its default (off).
+FAST_FIELDS = (
+    ("Attention", "attention", str), ("Attention slice", "attention_slice", int), ("Prepack", "prepack", bool),
+    ("Channels last", "channels_last", bool), ("Compile", "compile", bool), ("VAE tile", "vae_tile", int),
+    ("VAE tile overlap", "vae_tile_overlap", int), ("VAE slice", "vae_slice", int),
+)
+
+
 def infotext(opts: Namespace, prompt: str, batch: int, pos: int, hashes: dict[str, str]) -> str:
     """The `parameters` text of one image made with the CLI options `opts` (ldm/cli.py): the prompt, the
     FIELDS (keys as A1111 where it has them), `hashes` (Model hash, ...), its batch number and position."""
@@ -179,6 +189,10 @@ def infotext(opts: Namespace, prompt: str, batch: int, pos: int, hashes: dict[st
         fields[key] = repr(float(value)) if kind is float else str(value)
         if key == "Seed":
             fields["Size"] = f"{opts.W}x{opts.H}"
+    for key, name, kind in FAST_FIELDS:
+        value = getattr(opts, name, None)
+        if value not in (None, False, "sdpa"):
+            fields[key] = str(value)
     fields.update(hashes)
     fields.update({"Batch number": str(batch), "Batch pos": str(pos), "Version": f"ldm {__version__}"})
     return format_parameters(fields)
@@ -196,6 +210,9 @@ def options_from_infotext(fields: dict[str, str], opts: Namespace) -> tuple[Name
             if name == "no_ema":  # recorded as "EMA: True/False"
                 setattr(opts, name, fields[key] == "False")
             else:
+                setattr(opts, name, fields[key] == "True" if kind is bool else kind(fields[key]))
+        for key, name, kind in FAST_FIELDS:
+            if key in fields:
                 setattr(opts, name, fields[key] == "True" if kind is bool else kind(fields[key]))
         opts.W, opts.H = (int(v) for v in fields["Size"].split("x"))
         batch, pos = int(fields["Batch number"]), int(fields["Batch pos"])

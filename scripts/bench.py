@@ -28,6 +28,9 @@ max allocated and its rise; the least over the rounds, i.e. steady state). The f
 variant is compared with diffusers' first variant (max abs difference / max abs value; e2e also max abs
 difference of the [0, 1] images). The unet and vae parts start with one untimed warm-up round; e2e does not
 (it is long), so its first round includes one-time costs such as packing weights.
+Roofline (with the unet part): the UNet's FLOPs per CFG step (counted, see unet_step_flops), the device's
+dense matmul peak in the bench dtype measured in the same run, and the fraction of that peak each variant's
+UNet step reaches.
 """
 
 from __future__ import annotations
@@ -376,6 +379,62 @@ def bench_tiling(cfg, model, args, device, dtype, meter) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------------------------- roofline
+
+
+def unet_step_flops(cfg, latent_side: int, batch: int = 2) -> int:
+    """Floating-point operations of one UNet forward on `batch` latents (2: one CFG step) with a 77-token
+    context, counted by torch's FlopCounterMode on the meta device (no memory, no compute; a multiply-add
+    counts 2). SD v1 at 64x64 latents (512 px): 1.607e12, the figure the speed issue quotes."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = build_model(cfg, device="meta").unet
+    x = torch.empty(batch, cfg.unet.in_channels, latent_side, latent_side, device="meta")
+    t = torch.zeros(batch, dtype=torch.long, device="meta")
+    context = torch.empty(batch, 77, cfg.unet.context_dim, device="meta")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(x, t, context)
+    return counter.get_total_flops()
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 2.0) -> dict:
+    """The device's dense matmul throughput in `dtype`, measured: the best of repeated square products
+    (n = 2048 on the CPU, 8192 on an accelerator, sizes where the BLAS runs at its peak)."""
+    accel = None if device.type == "cpu" else torch.get_device_module(device)
+    n = 2048 if accel is None else 8192
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g).to(device, dtype) for _ in range(2))
+    reps = 1 if accel is None else 20
+    best, start = float("inf"), time.perf_counter()
+    for i in range(1000):
+        if accel is not None:
+            accel.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b)
+        if accel is not None:
+            accel.synchronize()
+        if i > 0:  # the first round warms the kernels up
+            best = min(best, (time.perf_counter() - t0) / reps)
+        if time.perf_counter() - start > seconds and i >= 3:
+            break
+    return {"n": n, "tflops": 2 * n**3 / best / 1e12}
+
+
+def roofline(cfg, latent_side: int, device: torch.device, dtype: torch.dtype, rows: list[dict]) -> dict:
+    """UNet FLOPs per CFG step, the measured matmul peak, the step time that peak allows, and for every
+    timed UNet row the fraction of the peak it reaches (FLOPs / time / peak)."""
+    flops = unet_step_flops(cfg, latent_side)
+    peak = matmul_peak(device, dtype)
+    out = {"unet_step_tflop": flops / 1e12, "matmul_peak_tflops": peak["tflops"], "matmul_n": peak["n"],
+           "step_ms_at_peak": 1e3 * flops / (peak["tflops"] * 1e12), "fraction_of_peak": {}}
+    for row in rows:
+        if row["part"] == "unet":
+            achieved = flops / (row["median_ms"] / 1e3) / 1e12
+            out["fraction_of_peak"][row["variant"]] = achieved / peak["tflops"]
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ driver
 
 
@@ -425,6 +484,9 @@ def run_config(args, config_path: str, size: int, dtype_name: str) -> dict:
         del outputs, ref_out
         # ready for the next part: drop the samples' tensors
         gc.collect()
+    if "unet" in parts:
+        result["roofline"] = roofline(cfg, size // 8, device, dtype, result["rows"])
+        print(f"  roofline: {result['roofline']}", flush=True)
     if "tiling" in parts:
         print("-- tiling", flush=True)
         result["tiling"] = bench_tiling(cfg, models[args.ldm[0]], args, device, dtype, meter)
@@ -442,6 +504,11 @@ def print_table(result: dict) -> None:
         print(f"{r['part']:5s} {r['variant']:28s} {r['median_ms']:10.0f} {r['cpu_ms']:9.0f} "
               f"{r['ratio_vs_diffusers']:6.3f} {r['peak_mb']:8.0f} {r['rise_mb']:8.0f} {r['weights_plus_mb']:9.0f} "
               f"{'' if parity is None else f'{parity:.1e}':>9s}")
+    if "roofline" in result:
+        r = result["roofline"]
+        print(f"roofline: {r['unet_step_tflop']:.3f} TFLOP per CFG step; matmul peak {r['matmul_peak_tflops']:.2f} "
+              f"TFLOP/s (n={r['matmul_n']}) allows {r['step_ms_at_peak']:.1f} ms; reached: "
+              + ", ".join(f"{name} {frac:.1%}" for name, frac in r["fraction_of_peak"].items()))
     if "tiling" in result:
         for key, value in result["tiling"].items():
             print(f"tiling {key}: {json.dumps(value)}")

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm import cli, png_info
+from ldm import cli, fast, png_info
 from tiny_models import make_tiny_checkpoint, tiny_config_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +37,9 @@ ORIGINAL_DEFAULTS = {
 }
 # ours: sampler None = ddim unless --plms / --dpm_solver; device None = CUDA if available, else cpu
 OUR_DEFAULTS = dict(sampler=None, schedule="uniform", negative_prompt="", vae=None, no_ema=False, device=None)
+# the opt-in speed and memory paths: all off
+SPEED_DEFAULTS = dict(attention=None, attention_slice=None, prepack=False, channels_last=False, compile=False,
+                      vae_tile=None, vae_tile_overlap=None, vae_slice=None, offload=False)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -64,7 +67,7 @@ def pixels(path) -> np.ndarray:
 @pytest.mark.parametrize("mode", ["txt2img", "img2img"])
 def test_defaults_are_the_originals(mode):
     opts = vars(cli.build_parser(mode).parse_args([]))
-    for name, value in {**ORIGINAL_DEFAULTS[mode], **OUR_DEFAULTS}.items():
+    for name, value in {**ORIGINAL_DEFAULTS[mode], **OUR_DEFAULTS, **SPEED_DEFAULTS}.items():
         assert opts[name] == value, name
 
 
@@ -235,6 +238,61 @@ def test_long_prompt_warns_and_continues(tiny, tmp_path, capsys):
     assert len(os.listdir(tmp_path / "samples")) == 1
 
 
+# ---------------------------------------------------------------------------------------- speed and memory
+def test_speed_flags_keep_the_images_and_are_replayed(tiny, tmp_path, capsys):
+    # The opt-in paths change how the same math is computed (tests/test_fast_paths.py bounds the models at 1e-5
+    # relative), so the uint8 images agree within one level; those that can flip a level are recorded and
+    # rerun.py replays them bit-exactly.
+    speed = ["--attention", "sliced", "--attention_slice", "7", "--channels_last", "--vae_slice", "1"]
+    if fast.prepack_supported():
+        speed.append("--prepack")
+    for name, extra in (("plain", []), ("fast", speed)):
+        cli.txt2img_main(small(tiny, tmp_path / name, "--skip_grid", *extra))
+    plain, fast_path = (sorted((tmp_path / name / "samples").iterdir()) for name in ("plain", "fast"))
+    for a, b in zip(plain, fast_path):
+        assert np.abs(pixels(a).astype(int) - pixels(b).astype(int)).max() <= 1
+    fields = png_info.parse_parameters(png_info.read_parameters(str(fast_path[1])))
+    assert (fields["Attention"], fields["Attention slice"], fields["Channels last"], fields["VAE slice"]) == \
+        ("sliced", "7", "True", "1")
+    assert fields.get("Prepack") == ("True" if "--prepack" in speed else None)
+    assert not {"Attention", "Prepack", "VAE tile"} & set(png_info.parse_parameters(
+        png_info.read_parameters(str(plain[0]))))  # the plain path records none
+    cli.rerun_main([str(fast_path[1]), "--config", tiny[0], "--ckpt", tiny[1], "--outdir", str(tmp_path / "re"),
+                    "--device", "cpu"])
+    assert np.array_equal(pixels(tmp_path / "re" / "00000.png"), pixels(fast_path[1]))
+    assert png_info.read_parameters(str(tmp_path / "re" / "00000.png")) == \
+        png_info.read_parameters(str(fast_path[1]))
+    capsys.readouterr()
+
+
+def test_vae_tile_flag_decodes_in_tiles_and_is_replayed(tiny, tmp_path, capsys):
+    # 16x16 images are 8x8 latents here (f=2): tiles of 4 latents overlapping by 2 decode them in 3x3 pieces
+    for name, extra in (("plain", []), ("tiled", ["--vae_tile", "4", "--vae_tile_overlap", "2"])):
+        cli.txt2img_main(small(tiny, tmp_path / name, "--skip_grid", "--n_samples", "1", *extra))
+    plain, tiled = (tmp_path / name / "samples" / "00000.png" for name in ("plain", "tiled"))
+    assert not np.array_equal(pixels(plain), pixels(tiled))  # each tile normalises on its own statistics
+    fields = png_info.parse_parameters(png_info.read_parameters(str(tiled)))
+    assert (fields["VAE tile"], fields["VAE tile overlap"]) == ("4", "2")
+    cli.rerun_main([str(tiled), "--config", tiny[0], "--ckpt", tiny[1], "--outdir", str(tmp_path / "re"),
+                    "--device", "cpu"])
+    assert np.array_equal(pixels(tmp_path / "re" / "00000.png"), pixels(tiled))
+    assert "identical to" in capsys.readouterr().out
+
+
+def test_compile_and_offload_flags_reach_the_model(tiny, monkeypatch):
+    compiled, offloads = [], []
+    monkeypatch.setattr(cli.fast, "compile_module", lambda module, **kw: compiled.append(type(module).__name__))
+    monkeypatch.setattr(cli.fast, "SequentialOffload", lambda model, device, offload_device: offloads.append(
+        (device, torch.device(offload_device), next(model.parameters()).device)))
+    opts = cli.build_parser("txt2img").parse_args(small(tiny, "unused", "--compile", "--offload"))
+    opts.device = torch.device("cpu")
+    model = cli.load(opts)
+    assert compiled == ["UNetModel", "Decoder"]
+    # --offload loads into CPU memory and hands the parts to SequentialOffload for the execution device
+    assert offloads == [(torch.device("cpu"), torch.device("cpu"), torch.device("cpu"))]
+    assert model is not None
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 BAD = {
     "H not a multiple of f": (["--H", "17"], "not a positive multiple of --f"),
@@ -248,6 +306,12 @@ BAD = {
     "impossible step count": (["--ddim_steps", "3"], "--ddim_steps 3"),
     "wrong latent channels": (["--C", "3"], "--C 3 does not match"),
     "the original's LAION-400M switch": (["--laion400m"], "--laion400m selects the LDM-KL-8 BERT model"),
+    "prepack off the CPU's float32": (["--prepack", "--precision", "bf16"], "--prepack applies to float32 on the CPU"),
+    "offload with the CPU as device": (["--offload"], "--offload moves the models between CPU memory and an"),
+    "tile overlap over half the tile": (["--vae_tile", "8", "--vae_tile_overlap", "5"], "--vae_tile_overlap must be"),
+    "tile overlap without tiles": (["--vae_tile_overlap", "4"], "--vae_tile_overlap needs --vae_tile"),
+    "slice size with another backend": (["--attention", "math", "--attention_slice", "64"], "applies to --attention sliced"),
+    "zero slice": (["--vae_slice", "0"], "--vae_slice must be at least 1"),
 }
 
 
