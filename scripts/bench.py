@@ -21,7 +21,9 @@ What is measured, per part, each variant once per round, rounds alternating so a
          ldm: ldm.pipeline.txt2img. diffusers: transformers CLIPTextModel on the same token ids, then
          StableDiffusionPipeline(prompt_embeds=..., negative_prompt_embeds=...) with the original DDIM
          schedule (leading spacing, steps_offset 1), output_type "pt". Same x_T for both. v1 configs only.
-  tiling ldm's tiled VAE decode against its plain decode (difference, seam metric, peak memory).
+  tiling ldm's tiled VAE decode against its plain decode (difference, seam metric, peak memory); at the large
+         sizes (2048 px) optionally both under a memory budget, to see which one fits.
+  profile  torch.profiler's operator table of one UNet CFG step per variant (where the time goes).
 Reported: median wall ms and median process CPU ms per call, ldm/diffusers ratio of the medians, peak
 memory during the call (CPU: peak RSS of the whole process and its rise over the pre-call RSS; accelerator:
 max allocated and its rise; the least over the rounds, i.e. steady state). The first output of every
@@ -373,10 +375,54 @@ def bench_tiling(cfg, model, args, device, dtype, meter) -> dict:
         del plain, tiled, cut
     for size in args.tiling_large:
         z = latent(size)
-        _, m_tiled = measure(lambda: tiling.decode_tiled(vae, z, *args.tile_large))
-        out[f"tiled_{size}"] = {**m_tiled, "tile": args.tile_large[0], "overlap": args.tile_large[1]}
-        print(f"  tiling {size}: {m_tiled}", flush=True)
+        entry = {"tile": args.tile_large[0], "overlap": args.tile_large[1]}
+        if args.tiling_budget_mb:
+            # Both decodes under one memory budget: the plain one is expected not to fit, the tiled one to fit
+            with memory_budget(meter, args.tiling_budget_mb):
+                entry["budget_mb"] = args.tiling_budget_mb
+                entry["plain"] = fits(lambda: measure(lambda: vae.decode(z))[1])
+                entry["tiled"] = fits(lambda: measure(lambda: tiling.decode_tiled(vae, z, *args.tile_large))[1])
+        else:
+            entry["tiled"] = measure(lambda: tiling.decode_tiled(vae, z, *args.tile_large))[1]
+        out[f"large_{size}"] = entry
+        print(f"  tiling {size}: {entry}", flush=True)
     return out
+
+
+@contextlib.contextmanager
+def memory_budget(meter: Meter, budget_mb: float):
+    """Let the process allocate at most `budget_mb` more (CPU: an address-space limit, RLIMIT_AS, over the
+    current size; accelerator: torch's per-process memory fraction over what is allocated now), so that
+    "does it fit in N MB" is measured rather than extrapolated. Allocations past it raise."""
+    if meter.accel is None:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (int((meter._status("VmSize") + budget_mb) * 2**20), hard))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        return
+    total = meter.accel.get_device_properties(meter.device).total_memory
+    used = meter.accel.memory_allocated(meter.device)
+    meter.accel.set_per_process_memory_fraction(min(1.0, (used + budget_mb * 2**20) / total), meter.device)
+    try:
+        yield
+    finally:
+        meter.accel.set_per_process_memory_fraction(1.0, meter.device)
+
+
+def fits(call) -> dict:
+    """call()'s measurement, or {"fits": False, ...} when it ran out of memory."""
+    t0 = time.perf_counter()
+    try:
+        return {"fits": True, **call()}
+    except (MemoryError, RuntimeError) as e:  # torch reports a failed allocation as a RuntimeError subclass
+        if "memory" not in str(e).lower():
+            raise
+        gc.collect()
+        return {"fits": False, "failed_after_ms": 1e3 * (time.perf_counter() - t0), "error": str(e).splitlines()[0][:200]}
 
 
 # ---------------------------------------------------------------------------------------------- roofline
@@ -435,6 +481,44 @@ def roofline(cfg, latent_side: int, device: torch.device, dtype: torch.dtype, ro
     return out
 
 
+# ----------------------------------------------------------------------------------------------- profile
+
+
+def profile_unet(cfg, models, dmodels, device, dtype, h, seed: int, top: int = 15) -> dict:
+    """Where one UNet CFG step spends its time, per variant: torch.profiler's operator table (self time, so
+    that nothing is counted twice), the `top` operators and the rest summed. One untimed warm-up call first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(2, cfg.unet.in_channels, h, h, generator=g).to(device, dtype)
+    context = torch.randn(2, 77, cfg.unet.context_dim, generator=g).to(device, dtype)
+    t = torch.full((2,), 801, device=device)
+    calls = {name: (lambda m=m: m.unet(x, t, context)) for name, m in models.items()}
+    calls.update({name: (lambda d=d: d["unet"](x, t, encoder_hidden_states=context).sample)
+                  for name, d in dmodels.items()})
+    accel = device.type != "cpu"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if accel else [])
+    out = {}
+    for name, call in calls.items():
+        call()
+        with profile(activities=activities) as prof:
+            call()
+            if accel:
+                torch.get_device_module(device).synchronize()
+        attr = "self_device_time_total" if accel else "self_cpu_time_total"
+        events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)
+        total = sum(getattr(e, attr) for e in events) / 1e3
+        rows = [(e.key, getattr(e, attr) / 1e3, e.count) for e in events if getattr(e, attr) > 0]
+        out[name] = {"total_ms": total, "top": [{"op": k, "self_ms": ms, "share": ms / total, "calls": n}
+                                                for k, ms, n in rows[:top]],
+                     "rest_ms": sum(ms for _, ms, _ in rows[top:])}
+        print(f"  profile {name}: {total:.0f} ms of operator self time", flush=True)
+        for r in out[name]["top"]:
+            print(f"    {r['op']:45s} {r['self_ms']:9.1f} ms {r['share']:6.1%} {r['calls']:6d} calls", flush=True)
+        print(f"    {'(the rest)':45s} {out[name]['rest_ms']:9.1f} ms", flush=True)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ driver
 
 
@@ -462,7 +546,7 @@ def run_config(args, config_path: str, size: int, dtype_name: str) -> dict:
     dmodels = {spec: diffusers_variant(original_config, ckpt, spec, text_config) for spec in args.diffusers}
     reference = args.diffusers[0] if args.diffusers else None
     if reference is None:
-        parts = [p for p in parts if p == "tiling"]  # nothing to compare the timings with
+        parts = [p for p in parts if p in ("tiling", "profile")]  # nothing to compare the timings with
     result = {"config": config_path, "size": size, "dtype": dtype_name, "parity": {}, "rows": []}
     benches = {"unet": (bench_unet, size // 8), "vae": (bench_vae, size // 8), "e2e": (bench_e2e, size)}
     for part in [p for p in parts if p in benches]:
@@ -487,6 +571,9 @@ def run_config(args, config_path: str, size: int, dtype_name: str) -> dict:
     if "unet" in parts:
         result["roofline"] = roofline(cfg, size // 8, device, dtype, result["rows"])
         print(f"  roofline: {result['roofline']}", flush=True)
+    if "profile" in parts:
+        print("-- profile", flush=True)
+        result["profile"] = profile_unet(cfg, models, dmodels, device, dtype, size // 8, args.seed)
     if "tiling" in parts:
         print("-- tiling", flush=True)
         result["tiling"] = bench_tiling(cfg, models[args.ldm[0]], args, device, dtype, meter)
@@ -521,7 +608,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=None, help="image side in px (default: 256 on CPU, 512 else)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--matrix", action="store_true", help="GPU matrix: v1 512 px and v2 768 px, fp16 and bf16")
-    p.add_argument("--parts", default="unet,vae,e2e", help="comma list of unet, vae, e2e, tiling")
+    p.add_argument("--parts", default="unet,vae,e2e", help="comma list of unet, vae, e2e, tiling, profile")
     p.add_argument("--ldm", default=None,
                    help="ldm variants, comma list of ldm[+prepack][+channels_last][+compile][+cudagraphs]"
                         "[+sliced|+math] (default: ldm,ldm+prepack on CPU, ldm,ldm+channels_last else)")
@@ -532,6 +619,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tile", default="32,8", help="latent tile,overlap for --tiling-compare (32 = 256 px)")
     p.add_argument("--tiling-large", default="2048", help="sizes decoded tiled only (comma list)")
     p.add_argument("--tile-large", default="64,16", help="latent tile,overlap for --tiling-large")
+    p.add_argument("--tiling-budget-mb", type=float, default=None,
+                   help="decode the --tiling-large sizes plain AND tiled under this memory budget (MB above what "
+                        "the process holds): which one fits")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here")

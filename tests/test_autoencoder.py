@@ -109,6 +109,23 @@ def test_attention_matches_original_math():
         assert rel_err(block(x), expected) < RTOL
 
 
+def test_attention_hands_the_fused_kernels_unit_stride_inputs(monkeypatch):
+    # torch's fused SDPA kernels need unit stride along the head dimension; given a transposed view the CPU
+    # falls back to the explicit form with its (H*W)^2 score matrix (17 GB for a 2048 px decode)
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, *args, **kwargs):
+        seen.append([t.stride(-1) for t in (q, k, v)])
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    block = AttnBlock(64).eval()
+    with torch.no_grad():
+        block(torch.randn(2, 64, 5, 7))
+    assert seen == [[1, 1, 1]]
+
+
 def test_sample_reproducible_and_drawn_from_generator():
     torch.manual_seed(0)
     params = torch.randn(2, 8, 3, 5, dtype=torch.float64)

@@ -71,8 +71,11 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, height, width = x.shape
         h = self.norm(x)
-        # (B, C, H, W) -> (B, 1, H*W, C): one head, one token per pixel
-        q, k, v = (proj(h).reshape(b, 1, c, height * width).transpose(2, 3) for proj in (self.q, self.k, self.v))
+        # (B, C, H, W) -> (B, 1, H*W, C): one head, one token per pixel. Contiguous, because the fused SDPA
+        # kernels need unit stride along C: on the CPU a transposed view falls back to the explicit form, whose
+        # (H*W)^2 score matrix is 17 GB for a 2048 px image (256x256 latents); the fused kernel needs O(H*W).
+        q, k, v = (proj(h).reshape(b, 1, c, height * width).transpose(2, 3).contiguous()
+                   for proj in (self.q, self.k, self.v))
         h = F.scaled_dot_product_attention(q, k, v)
         # (B, 1, H*W, C) -> (B, C, H, W)
         h = h.transpose(2, 3).reshape(b, c, height, width)
