@@ -493,7 +493,8 @@ def rerun(args: argparse.Namespace) -> None:
     model, data, init_image = prepare(opts, mode, before_load=check_hashes)
     for number, _, latents in generate(opts, model, data, init_image):
         if number == batch:  # earlier batches only advance the generator, as in the original run
-            image = pipeline.to_uint8(decode(opts, model, latents[pos:pos + 1]))[0]
+            # decode the whole batch, as the run did: kernels may block (and so round) by batch size
+            image = pipeline.to_uint8(decode(opts, model, latents))[pos]
     os.makedirs(opts.outdir, exist_ok=True)
     path = png_info.save_numbered(image, opts.outdir, SAMPLE_NAME, SAMPLE_TEMPLATE,
                                   png_info.infotext(opts, opts.prompt, batch, pos, hashes))
