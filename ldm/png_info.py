@@ -191,7 +191,7 @@ def infotext(opts: Namespace, prompt: str, batch: int, pos: int, hashes: dict[st
             fields["Size"] = f"{opts.W}x{opts.H}"
     for key, name, kind in FAST_FIELDS:
         value = getattr(opts, name, None)
-        if value not in (None, False, "sdpa"):
+        if not (value is None or value is False or value == "sdpa"):  # `is`: an overlap of 0 is recorded
             fields[key] = str(value)
     fields.update(hashes)
     fields.update({"Batch number": str(batch), "Batch pos": str(pos), "Version": f"ldm {__version__}"})

@@ -279,6 +279,19 @@ def test_vae_tile_flag_decodes_in_tiles_and_is_replayed(tiny, tmp_path, capsys):
     assert "identical to" in capsys.readouterr().out
 
 
+def test_speed_options_round_trip_through_the_infotext():
+    parse = cli.build_parser("txt2img").parse_args
+    opts = parse(["--vae_tile", "4", "--vae_tile_overlap", "0", "--attention", "math", "--vae_slice", "3"])
+    opts.sampler, opts.H, opts.W = "ddim", 16, 16
+    fields = png_info.parse_parameters(png_info.infotext(opts, "x", 0, 0, {}))
+    assert (fields["VAE tile"], fields["VAE tile overlap"], fields["Attention"], fields["VAE slice"]) == \
+        ("4", "0", "math", "3")
+    assert "Prepack" not in fields and "Compile" not in fields
+    back, _, _ = png_info.options_from_infotext(fields, parse([]))
+    assert (back.vae_tile, back.vae_tile_overlap, back.attention, back.vae_slice, back.prepack) == \
+        (4, 0, "math", 3, False)
+
+
 def test_compile_and_offload_flags_reach_the_model(tiny, monkeypatch):
     compiled, offloads = [], []
     monkeypatch.setattr(cli.fast, "compile_module", lambda module, **kw: compiled.append(type(module).__name__))
