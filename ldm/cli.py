@@ -1,4 +1,4 @@
-"""Command line of scripts/txt2img.py, scripts/img2img.py and scripts/rerun.py.
+"""Command line of scripts/txt2img.py and scripts/img2img.py (scripts/rerun.py: ldm/rerun.py).
 
 Flags and defaults are those of CompVis/stable-diffusion scripts/txt2img.py and scripts/img2img.py (v2's
 `--steps` is an alias of `--ddim_steps`), plus --sampler, --schedule, --negative_prompt, --no-ema, --vae and
@@ -56,7 +56,7 @@ class CLIError(Exception):
     """Bad input: reported as one line on stderr, no traceback."""
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line instead of usage + message
         self.exit(2, f"{self.prog}: error: {message}\n")
 
@@ -64,7 +64,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(mode: str) -> argparse.ArgumentParser:
     """The flags of the original scripts/{mode}.py with their defaults, plus ours."""
     img2img = mode == "img2img"
-    p = _Parser(prog=f"{mode}.py", description=f"Stable Diffusion {mode} (ldm {ldm.__version__})", epilog=EPILOG)
+    p = Parser(prog=f"{mode}.py", description=f"Stable Diffusion {mode} (ldm {ldm.__version__})", epilog=EPILOG)
     p.add_argument("--prompt", type=str, nargs="?", default="a painting of a virus monster playing guitar",
                    help="the prompt to render")
     p.add_argument("--negative_prompt", type=str, default="",
@@ -372,7 +372,7 @@ def decode(opts: argparse.Namespace, model, latents: torch.Tensor) -> torch.Tens
         return pipeline.to_unit(pipeline.decode(model, latents))
 
 
-def _hashes(opts: argparse.Namespace, mode: str) -> dict[str, str]:
+def file_hashes(opts: argparse.Namespace, mode: str) -> dict[str, str]:
     hashes = {"Model hash": png_info.file_hash(opts.ckpt), "Model": os.path.splitext(os.path.basename(opts.ckpt))[0]}
     if opts.vae is not None:
         hashes.update({"VAE hash": png_info.file_hash(opts.vae), "VAE": os.path.basename(opts.vae)})
@@ -400,7 +400,7 @@ def prepare(opts: argparse.Namespace, mode: str, before_load=None):
 
 def run(opts: argparse.Namespace, mode: str) -> None:
     model, data, init_image = prepare(opts, mode)
-    hashes = _hashes(opts, mode) if not (opts.skip_save and opts.skip_grid) else {}
+    hashes = file_hashes(opts, mode) if not (opts.skip_save and opts.skip_grid) else {}
     sample_dir = os.path.join(opts.outdir, "samples")
     grid_images, first_info = [], None
     for batch, prompts, latents in generate(opts, model, data, init_image):
@@ -422,7 +422,7 @@ def run(opts: argparse.Namespace, mode: str) -> None:
     print(f"Your samples are ready and waiting for you here: \n{opts.outdir} \n \nEnjoy.")
 
 
-def _errors_as_one_line(prog: str, body, *args) -> None:
+def errors_as_one_line(prog: str, body, *args) -> None:
     """Run body(*args); expected failures become `prog: error: ...` on stderr and exit status 1."""
     from ldm.checkpoint import CheckpointError
     from ldm.config import ConfigError
@@ -437,72 +437,9 @@ def _errors_as_one_line(prog: str, body, *args) -> None:
 
 def txt2img_main(argv: list[str] | None = None) -> None:
     opts = build_parser("txt2img").parse_args(argv)
-    _errors_as_one_line("txt2img.py", run, opts, "txt2img")
+    errors_as_one_line("txt2img.py", run, opts, "txt2img")
 
 
 def img2img_main(argv: list[str] | None = None) -> None:
     opts = build_parser("img2img").parse_args(argv)
-    _errors_as_one_line("img2img.py", run, opts, "img2img")
-
-
-def build_rerun_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="rerun.py", description="Regenerate an image from the parameters stored in its PNG "
-                "(writes OUTDIR/NNNNN.png and says whether it is identical to the source).")
-    p.add_argument("image", help="a PNG written by txt2img.py / img2img.py / rerun.py")
-    p.add_argument("--config", type=str, default="configs/stable-diffusion/v1-inference.yaml",
-                   help="config of the model that made the image")
-    p.add_argument("--ckpt", type=str, default="models/ldm/stable-diffusion-v1/model.ckpt",
-                   help="checkpoint that made the image (its sha256 must match the recorded Model hash)")
-    p.add_argument("--vae", type=str, default=None, help="VAE checkpoint, when the image records one")
-    p.add_argument("--init-img", type=str, default=None, help="init image of an img2img result "
-                   "(default: the recorded path; its hash must match)")
-    p.add_argument("--outdir", type=str, default="outputs/rerun-samples", help="dir to write the result to")
-    p.add_argument("--device", type=str, default=None, help="torch device (default: CUDA if available, else cpu)")
-    return p
-
-
-def rerun(args: argparse.Namespace) -> None:
-    try:
-        fields = png_info.parse_parameters(png_info.read_parameters(args.image))
-    except (ValueError, UnidentifiedImageError) as e:
-        raise CLIError(f"cannot read parameters from {args.image}: {e}") from None
-    mode = "img2img" if "Denoising strength" in fields else "txt2img"
-    try:
-        opts, batch, pos = png_info.options_from_infotext(fields, build_parser(mode).parse_args([]))
-    except ValueError as e:
-        raise CLIError(f"{args.image}: {e}") from None
-    opts.n_iter, opts.from_file = batch + 1, None  # replay the run up to the image's batch
-    opts.config, opts.ckpt, opts.vae, opts.device, opts.outdir = args.config, args.ckpt, args.vae, args.device, args.outdir
-    if opts.prepack and resolve_device(opts.device).type != "cpu":
-        opts.prepack = False  # a CPU-only path; elsewhere the plain kernels (rounding may differ anyway)
-    if mode == "img2img":  # resized to the recorded size, as the run did (rounding to multiples of 32)
-        opts.init_img = args.init_img or fields.get("Init image")
-    if ("VAE hash" in fields) != (opts.vae is not None):
-        raise CLIError(f"the image was made with --vae {fields['VAE']}" if "VAE hash" in fields
-                       else "the image was made without --vae")
-    hashes = {}
-
-    def check_hashes():
-        hashes.update(_hashes(opts, mode))
-        for key, value in hashes.items():
-            if key.endswith("hash") and fields.get(key) != value:
-                raise CLIError(f"{key} {value} differs from the image's {fields.get(key)}")
-        if mode == "img2img":
-            hashes["Init image"] = fields["Init image"]  # keep the recorded name when given elsewhere
-
-    model, data, init_image = prepare(opts, mode, before_load=check_hashes)
-    for number, _, latents in generate(opts, model, data, init_image):
-        if number == batch:  # earlier batches only advance the generator, as in the original run
-            # decode the whole batch, as the run did: kernels may block (and so round) by batch size
-            image = pipeline.to_uint8(decode(opts, model, latents))[pos]
-    os.makedirs(opts.outdir, exist_ok=True)
-    path = png_info.save_numbered(image, opts.outdir, SAMPLE_NAME, SAMPLE_TEMPLATE,
-                                  png_info.infotext(opts, opts.prompt, batch, pos, hashes))
-    with Image.open(args.image) as source:
-        same = np.array_equal(np.asarray(source.convert("RGB")), image)
-    print(f"{path}: {'identical to' if same else 'DIFFERENT from'} {args.image}")
-
-
-def rerun_main(argv: list[str] | None = None) -> None:
-    args = build_rerun_parser().parse_args(argv)
-    _errors_as_one_line("rerun.py", rerun, args)
+    errors_as_one_line("img2img.py", run, opts, "img2img")

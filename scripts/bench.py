@@ -283,15 +283,20 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 # ------------------------------------------------------------------------------------------------- parts
 
 
-def bench_unet(cfg, models, dmodels, args, device, dtype, meter, h):
-    g = torch.Generator().manual_seed(args.seed + 1)
+def unet_calls(cfg, models, dmodels, device, dtype, h, seed: int) -> dict:
+    """One CFG step's UNet forward per variant, on the same inputs: batch 2, h x h latents, 77-token context."""
+    g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(2, cfg.unet.in_channels, h, h, generator=g).to(device, dtype)
     context = torch.randn(2, 77, cfg.unet.context_dim, generator=g).to(device, dtype)
     t = torch.full((2,), 801, device=device)
     calls = {name: (lambda m=m: m.unet(x, t, context)) for name, m in models.items()}
     calls.update({name: (lambda d=d: d["unet"](x, t, encoder_hidden_states=context).sample)
                   for name, d in dmodels.items()})
-    return alternate(calls, args.rounds, meter, warmup=True)
+    return calls
+
+
+def bench_unet(cfg, models, dmodels, args, device, dtype, meter, h):
+    return alternate(unet_calls(cfg, models, dmodels, device, dtype, h, args.seed), args.rounds, meter, warmup=True)
 
 
 def bench_vae(cfg, models, dmodels, args, device, dtype, meter, h):
@@ -489,13 +494,7 @@ def profile_unet(cfg, models, dmodels, device, dtype, h, seed: int, top: int = 1
     that nothing is counted twice), the `top` operators and the rest summed. One untimed warm-up call first."""
     from torch.profiler import ProfilerActivity, profile
 
-    g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(2, cfg.unet.in_channels, h, h, generator=g).to(device, dtype)
-    context = torch.randn(2, 77, cfg.unet.context_dim, generator=g).to(device, dtype)
-    t = torch.full((2,), 801, device=device)
-    calls = {name: (lambda m=m: m.unet(x, t, context)) for name, m in models.items()}
-    calls.update({name: (lambda d=d: d["unet"](x, t, encoder_hidden_states=context).sample)
-                  for name, d in dmodels.items()})
+    calls = unet_calls(cfg, models, dmodels, device, dtype, h, seed)
     accel = device.type != "cpu"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if accel else [])
     out = {}

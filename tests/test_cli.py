@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm import cli, fast, png_info
+from ldm import cli, fast, png_info, rerun
 from tiny_models import make_tiny_checkpoint, tiny_config_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,11 +157,11 @@ def test_same_seed_same_png_and_rerun_is_bit_exact(tiny, tmp_path, capsys):
     a, b = sorted((tmp_path / "a" / "samples").iterdir()), sorted((tmp_path / "b" / "samples").iterdir())
     assert len(a) == 4 and [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
     assert not np.array_equal(pixels(a[0]), pixels(a[2]))  # batch 1 got fresh noise
-    cli.rerun_main([str(a[3]), "--config", tiny[0], "--ckpt", tiny[1], "--outdir", str(tmp_path / "re"),
-                    "--device", "cpu"])
-    rerun = tmp_path / "re" / "00000.png"
-    assert np.array_equal(pixels(rerun), pixels(a[3]))
-    assert png_info.read_parameters(str(rerun)) == png_info.read_parameters(str(a[3]))
+    rerun.main([str(a[3]), "--config", tiny[0], "--ckpt", tiny[1], "--outdir", str(tmp_path / "re"),
+                "--device", "cpu"])
+    again = tmp_path / "re" / "00000.png"
+    assert np.array_equal(pixels(again), pixels(a[3]))
+    assert png_info.read_parameters(str(again)) == png_info.read_parameters(str(a[3]))
     assert "identical to" in capsys.readouterr().out
 
 
@@ -176,8 +176,8 @@ def test_img2img_writes_and_reruns(tiny, tmp_path, capsys):
     assert len(outputs) == 2 and pixels(outputs[0]).shape == (32, 32, 3)  # 40x35 rounded down to 32x32
     fields = png_info.parse_parameters(png_info.read_parameters(str(outputs[1])))
     assert fields["Denoising strength"] == "0.5" and fields["CFG scale"] == "5.0"
-    cli.rerun_main([str(outputs[1]), "--config", config, "--ckpt", ckpt, "--outdir", str(tmp_path / "re"),
-                    "--device", "cpu"])
+    rerun.main([str(outputs[1]), "--config", config, "--ckpt", ckpt, "--outdir", str(tmp_path / "re"),
+                "--device", "cpu"])
     assert np.array_equal(pixels(tmp_path / "re" / "00000.png"), pixels(outputs[1]))
     capsys.readouterr()
 
@@ -208,7 +208,7 @@ def test_vae_flag_replaces_the_decoder_and_is_recorded(tiny, tmp_path, capsys):
     fields = png_info.parse_parameters(png_info.read_parameters(str(with_vae)))
     assert fields["VAE hash"] == png_info.file_hash(str(tmp_path / "vae.ckpt")) and fields["VAE"] == "vae.ckpt"
     with pytest.raises(SystemExit):  # rerun needs the same VAE
-        cli.rerun_main([str(with_vae), "--config", tiny[0], "--ckpt", tiny[1], "--outdir", str(tmp_path / "re")])
+        rerun.main([str(with_vae), "--config", tiny[0], "--ckpt", tiny[1], "--outdir", str(tmp_path / "re")])
     assert "made with --vae vae.ckpt" in capsys.readouterr().err
     assert not (tmp_path / "re").exists()
 
@@ -224,8 +224,8 @@ def test_from_file_batches_prompts(tiny, tmp_path, capsys):
         [("one", "0", "0"), ("two", "0", "1"), ("three", "1", "0")]
     # rerun replays batch 0 with "three" instead of [one, two]: the noise it draws does not depend on the
     # prompts, so the image of batch 1 comes out bit-exact
-    cli.rerun_main([str(outputs[2]), "--config", tiny[0], "--ckpt", tiny[1], "--outdir", str(tmp_path / "re"),
-                    "--device", "cpu"])
+    rerun.main([str(outputs[2]), "--config", tiny[0], "--ckpt", tiny[1], "--outdir", str(tmp_path / "re"),
+                "--device", "cpu"])
     assert np.array_equal(pixels(tmp_path / "re" / "00000.png"), pixels(outputs[2]))
     capsys.readouterr()
 
@@ -257,8 +257,8 @@ def test_speed_flags_keep_the_images_and_are_replayed(tiny, tmp_path, capsys):
     assert fields.get("Prepack") == ("True" if "--prepack" in speed else None)
     assert not {"Attention", "Prepack", "VAE tile"} & set(png_info.parse_parameters(
         png_info.read_parameters(str(plain[0]))))  # the plain path records none
-    cli.rerun_main([str(fast_path[1]), "--config", tiny[0], "--ckpt", tiny[1], "--outdir", str(tmp_path / "re"),
-                    "--device", "cpu"])
+    rerun.main([str(fast_path[1]), "--config", tiny[0], "--ckpt", tiny[1], "--outdir", str(tmp_path / "re"),
+                "--device", "cpu"])
     assert np.array_equal(pixels(tmp_path / "re" / "00000.png"), pixels(fast_path[1]))
     assert png_info.read_parameters(str(tmp_path / "re" / "00000.png")) == \
         png_info.read_parameters(str(fast_path[1]))
@@ -273,8 +273,8 @@ def test_vae_tile_flag_decodes_in_tiles_and_is_replayed(tiny, tmp_path, capsys):
     assert not np.array_equal(pixels(plain), pixels(tiled))  # each tile normalises on its own statistics
     fields = png_info.parse_parameters(png_info.read_parameters(str(tiled)))
     assert (fields["VAE tile"], fields["VAE tile overlap"]) == ("4", "2")
-    cli.rerun_main([str(tiled), "--config", tiny[0], "--ckpt", tiny[1], "--outdir", str(tmp_path / "re"),
-                    "--device", "cpu"])
+    rerun.main([str(tiled), "--config", tiny[0], "--ckpt", tiny[1], "--outdir", str(tmp_path / "re"),
+                "--device", "cpu"])
     assert np.array_equal(pixels(tmp_path / "re" / "00000.png"), pixels(tiled))
     assert "identical to" in capsys.readouterr().out
 
