@@ -1,8 +1,8 @@
 """Command line of scripts/txt2img.py and scripts/img2img.py (scripts/rerun.py: ldm/rerun.py).
 
 Flags and defaults are those of CompVis/stable-diffusion scripts/txt2img.py and scripts/img2img.py (v2's
-`--steps` is an alias of `--ddim_steps`), plus --sampler, --schedule, --negative_prompt, --no-ema, --vae and
---device. Outputs as there: OUTDIR/samples/00000.png, ... and OUTDIR/grid-0000.png, numbered after what is
+`--steps` is an alias of `--ddim_steps`), plus --sampler, --schedule, --negative_prompt, --no-ema, --vae,
+--device and the opt-in speed and memory flags (add_speed_flags; README, Speed). Outputs as there: OUTDIR/samples/00000.png, ... and OUTDIR/grid-0000.png, numbered after what is
 already there. Every PNG carries its generation parameters (ldm/png_info.py), from which scripts/rerun.py
 regenerates it.
 
