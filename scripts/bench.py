@@ -409,6 +409,7 @@ def memory_budget(meter: Meter, budget_mb: float):
         finally:
             resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
         return
+    meter.accel.empty_cache()  # the fraction bounds what the caching allocator reserves: start from what is used
     total = meter.accel.get_device_properties(meter.device).total_memory
     used = meter.accel.memory_allocated(meter.device)
     meter.accel.set_per_process_memory_fraction(min(1.0, (used + budget_mb * 2**20) / total), meter.device)
@@ -416,6 +417,7 @@ def memory_budget(meter: Meter, budget_mb: float):
         yield
     finally:
         meter.accel.set_per_process_memory_fraction(1.0, meter.device)
+        meter.accel.empty_cache()
 
 
 def fits(call) -> dict:
@@ -616,7 +618,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=25, help="DDIM steps of the e2e part")
     p.add_argument("--tiling-compare", default="512", help="sizes decoded plain and tiled (comma list)")
     p.add_argument("--tile", default="32,8", help="latent tile,overlap for --tiling-compare (32 = 256 px)")
-    p.add_argument("--tiling-large", default="2048", help="sizes decoded tiled only (comma list)")
+    p.add_argument("--tiling-large", default="2048", help="sizes decoded tiled (and plain too under --tiling-budget-mb; comma list)")
     p.add_argument("--tile-large", default="64,16", help="latent tile,overlap for --tiling-large")
     p.add_argument("--tiling-budget-mb", type=float, default=None,
                    help="decode the --tiling-large sizes plain AND tiled under this memory budget (MB above what "
