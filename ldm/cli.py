@@ -2,7 +2,8 @@
 
 Flags and defaults are those of CompVis/stable-diffusion scripts/txt2img.py and scripts/img2img.py (v2's
 `--steps` is an alias of `--ddim_steps`), plus --sampler, --schedule, --negative_prompt, --no-ema, --vae,
---device and the opt-in speed and memory flags (add_speed_flags; README, Speed). Outputs as there: OUTDIR/samples/00000.png, ... and OUTDIR/grid-0000.png, numbered after what is
+--device and the opt-in speed and memory flags (add_speed_flags; README, Speed). Outputs as there:
+OUTDIR/samples/00000.png, ... and OUTDIR/grid-0000.png, numbered after what is
 already there. Every PNG carries its generation parameters (ldm/png_info.py), from which scripts/rerun.py
 regenerates it.
 
@@ -254,10 +255,7 @@ def apply_speed_flags(opts: argparse.Namespace, model) -> None:
     fast.configure(model, attention=opts.attention, slice_size=opts.attention_slice, prepack_weights=opts.prepack,
                    memory_format_cl=opts.channels_last, vae_tile=opts.vae_tile,
                    vae_tile_overlap=opts.vae_tile_overlap or 0, vae_slice=opts.vae_slice,
-                   offload_to="cpu" if opts.offload else None, device=opts.device)
-    if opts.compile:
-        fast.compile_module(model.model.diffusion_model)
-        fast.compile_module(model.first_stage_model.decoder)
+                   compile_networks=opts.compile, offload_to="cpu" if opts.offload else None, device=opts.device)
 
 
 def read_prompts(opts: argparse.Namespace) -> list[list[str]]:

@@ -33,13 +33,14 @@ from torch import nn
 
 def configure(model: nn.Module, *, attention: str | None = None, slice_size: int | None = None,
               prepack_weights: bool = False, memory_format_cl: bool = False, vae_tile: int | None = None,
-              vae_tile_overlap: int = 16, vae_slice: int | None = None,
+              vae_tile_overlap: int = 16, vae_slice: int | None = None, compile_networks: bool = False,
               offload_to: torch.device | str | None = None, device: torch.device | str | None = None):
     """Apply the opt-in paths a command line asks for to a loaded LatentDiffusion; returns the
     SequentialOffload handle when `offload_to` is given, else None. Every option defaults to off.
 
     attention: "sdpa" | "sliced" | "math" (ldm.models.attention); vae_tile: latent tile side for
-    ldm.tiling (None: plain decode); vae_slice: decode that many samples at a time."""
+    ldm.tiling (None: plain decode); vae_slice: decode that many samples at a time; compile_networks:
+    torch.compile the UNet and the VAE decoder."""
     from ldm.models.attention import set_attention_backend
     from ldm import tiling
 
@@ -51,6 +52,9 @@ def configure(model: nn.Module, *, attention: str | None = None, slice_size: int
         prepack(model)
     if vae_tile is not None or vae_slice is not None:
         tiling.enable_tiled_decode(model.first_stage_model, vae_tile, vae_tile_overlap, vae_slice)
+    if compile_networks:
+        compile_module(model.model.diffusion_model)
+        compile_module(model.first_stage_model.decoder)
     if offload_to is not None:
         return SequentialOffload(model, device, offload_to)
     return None

@@ -198,6 +198,10 @@ def infotext(opts: Namespace, prompt: str, batch: int, pos: int, hashes: dict[st
     return format_parameters(fields)
 
 
+def _read(kind: type, text: str):
+    return text == "True" if kind is bool else kind(text)
+
+
 def options_from_infotext(fields: dict[str, str], opts: Namespace) -> tuple[Namespace, int, int]:
     """Set the generation options of `opts` from parsed infotext fields (inverse of `infotext`); returns
     (opts, batch number, batch pos). ValueError when a field is missing or unreadable."""
@@ -210,10 +214,10 @@ def options_from_infotext(fields: dict[str, str], opts: Namespace) -> tuple[Name
             if name == "no_ema":  # recorded as "EMA: True/False"
                 setattr(opts, name, fields[key] == "False")
             else:
-                setattr(opts, name, fields[key] == "True" if kind is bool else kind(fields[key]))
+                setattr(opts, name, _read(kind, fields[key]))
         for key, name, kind in FAST_FIELDS:
             if key in fields:
-                setattr(opts, name, fields[key] == "True" if kind is bool else kind(fields[key]))
+                setattr(opts, name, _read(kind, fields[key]))
         opts.W, opts.H = (int(v) for v in fields["Size"].split("x"))
         batch, pos = int(fields["Batch number"]), int(fields["Batch pos"])
     except KeyError as e:

@@ -45,7 +45,8 @@ def rerun(args: argparse.Namespace) -> None:
     except ValueError as e:
         raise cli.CLIError(f"{args.image}: {e}") from None
     opts.n_iter, opts.from_file = batch + 1, None  # replay the run up to the image's batch
-    opts.config, opts.ckpt, opts.vae, opts.device, opts.outdir = args.config, args.ckpt, args.vae, args.device, args.outdir
+    for name in ("config", "ckpt", "vae", "device", "outdir"):  # where to find things now, not what they were
+        setattr(opts, name, getattr(args, name))
     if opts.prepack and cli.resolve_device(opts.device).type != "cpu":
         opts.prepack = False  # a CPU-only path; elsewhere the plain kernels (rounding may differ anyway)
     if mode == "img2img":  # resized to the recorded size, as the run did (rounding to multiples of 32)

@@ -429,7 +429,8 @@ def fits(call) -> dict:
         if "memory" not in str(e).lower():
             raise
         gc.collect()
-        return {"fits": False, "failed_after_ms": 1e3 * (time.perf_counter() - t0), "error": str(e).splitlines()[0][:200]}
+        return {"fits": False, "failed_after_ms": 1e3 * (time.perf_counter() - t0),
+                "error": str(e).splitlines()[0][:200]}
 
 
 # ---------------------------------------------------------------------------------------------- roofline
@@ -618,7 +619,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=25, help="DDIM steps of the e2e part")
     p.add_argument("--tiling-compare", default="512", help="sizes decoded plain and tiled (comma list)")
     p.add_argument("--tile", default="32,8", help="latent tile,overlap for --tiling-compare (32 = 256 px)")
-    p.add_argument("--tiling-large", default="2048", help="sizes decoded tiled (and plain too under --tiling-budget-mb; comma list)")
+    p.add_argument("--tiling-large", default="2048",
+                   help="sizes decoded tiled (and plain too under --tiling-budget-mb; comma list)")
     p.add_argument("--tile-large", default="64,16", help="latent tile,overlap for --tiling-large")
     p.add_argument("--tiling-budget-mb", type=float, default=None,
                    help="decode the --tiling-large sizes plain AND tiled under this memory budget (MB above what "

@@ -323,7 +323,8 @@ BAD = {
     "offload with the CPU as device": (["--offload"], "--offload moves the models between CPU memory and an"),
     "tile overlap over half the tile": (["--vae_tile", "8", "--vae_tile_overlap", "5"], "--vae_tile_overlap must be"),
     "tile overlap without tiles": (["--vae_tile_overlap", "4"], "--vae_tile_overlap needs --vae_tile"),
-    "slice size with another backend": (["--attention", "math", "--attention_slice", "64"], "applies to --attention sliced"),
+    "slice size with another backend": (["--attention", "math", "--attention_slice", "64"],
+                                        "applies to --attention sliced"),
     "zero slice": (["--vae_slice", "0"], "--vae_slice must be at least 1"),
 }
 
