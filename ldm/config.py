@@ -49,7 +49,7 @@ class UNetConfig:
     channel_mult: tuple[int, ...] = (1, 2, 4, 8)
     conv_resample: bool = True
     dims: int = 2
-    num_classes: int | None = None
+    num_classes: int | str | None = None  # an int: class labels; "sequential": a vector y (sgm, SDXL)
     use_checkpoint: bool = False
     use_fp16: bool = False
     use_bf16: bool = False
@@ -60,8 +60,8 @@ class UNetConfig:
     resblock_updown: bool = False
     use_new_attention_order: bool = False
     use_spatial_transformer: bool = False
-    transformer_depth: int = 1
-    context_dim: int | None = None
+    transformer_depth: int | tuple[int, ...] = 1  # a list: one depth per level, the middle block the last's (sgm)
+    context_dim: int | tuple[int, ...] | None = None  # a list: one width per transformer block (sgm)
     n_embed: int | None = None
     legacy: bool = True
     disable_self_attentions: tuple[bool, ...] | None = None

@@ -30,24 +30,24 @@ def append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 class Denoiser:
-    """eps- or v-prediction UNet -> VE denoiser.
+    """eps- or v-prediction model -> VE denoiser.
 
-    unet_fn(x, t, context) is called as model.unet: x the VP input (with `c_concat` appended along the
-    channels for the inpainting "hybrid" conditioning, as the original DiffusionWrapper), t float timesteps
-    of shape (B,), context the cross-attention conditioning passed as extra argument `cond`.
+    model_fn(x, t, cond, **extra) is called as `model.apply_model` (ldm/models/latent_diffusion.py): x the VP
+    input, t float timesteps of shape (B,), `cond` and any other keyword arguments passed through untouched
+    (the conditioning dict: context, inpainting channels, class / vector, control).
 
     Timesteps: by default the FRACTIONAL timestep of sigma by log-sigma interpolation of the discrete
     schedule (CompVisDenoiser); `quantize` rounds to the nearest training timestep; interpolation="log_alpha"
     is the continuous-time mapping of Stability's DPM-Solver (log alpha linear between timesteps).
     """
 
-    def __init__(self, unet_fn: Callable, alphas_cumprod: torch.Tensor, parameterization: str = "eps",
+    def __init__(self, model_fn: Callable, alphas_cumprod: torch.Tensor, parameterization: str = "eps",
                  quantize: bool = False, interpolation: str = "log_sigma"):
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"unknown parameterization {parameterization!r}; valid: {', '.join(PARAMETERIZATIONS)}")
         if interpolation not in schedules.INTERPOLATIONS:
             raise ValueError(f"unknown interpolation {interpolation!r}; valid: {', '.join(schedules.INTERPOLATIONS)}")
-        self.unet_fn = unet_fn
+        self.model_fn = model_fn
         self.alphas_cumprod = alphas_cumprod
         self.parameterization = parameterization
         self.quantize = quantize
@@ -60,20 +60,16 @@ class Denoiser:
         options = dict(parameterization=self.parameterization, quantize=self.quantize,
                        interpolation=self.interpolation)
         options.update(changes)
-        return Denoiser(self.unet_fn, self.alphas_cumprod, **options)
+        return Denoiser(self.model_fn, self.alphas_cumprod, **options)
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
         return schedules.sigma_to_t(sigma, self.sigmas, self.quantize, self.interpolation)
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond=None,
-                 c_concat: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond=None, **extra) -> torch.Tensor:
         t = self.sigma_to_t(sigma.reshape(-1)).to(device=x.device, dtype=torch.float32)
         sigma = append_dims(sigma.to(x), x.ndim)
         c_in = 1 / (sigma**2 + 1) ** 0.5
-        x_in = x * c_in
-        if c_concat is not None:
-            x_in = torch.cat([x_in, c_concat.to(x_in)], dim=1)
-        out = self.unet_fn(x_in, t, cond)
+        out = self.model_fn(x * c_in, t, cond, **extra)
         if self.parameterization == "eps":
             return x + out * -sigma
         c_skip, c_out = 1 / (sigma**2 + 1), -sigma * c_in
@@ -100,17 +96,34 @@ def _pair(uncond, cond):
     return torch.cat([uncond, cond])
 
 
+def pairable(uncond, cond) -> bool:
+    """Whether the two conditionings can run as one batch: the same structure and the same shapes but the
+    batch. Not so for prompts of different lengths (A1111 chunks) or a branch without a ControlNet (guess mode)."""
+    if isinstance(cond, dict):
+        return isinstance(uncond, dict) and uncond.keys() == cond.keys() and all(
+            pairable(uncond[k], cond[k]) for k in cond)
+    if isinstance(cond, (list, tuple)):
+        return isinstance(uncond, (list, tuple)) and len(uncond) == len(cond) and all(
+            pairable(u, c) for u, c in zip(uncond, cond))
+    if isinstance(cond, torch.Tensor):
+        return isinstance(uncond, torch.Tensor) and uncond.shape[1:] == cond.shape[1:]
+    return cond is None and uncond is None
+
+
 class CFGDenoiser:
     """Classifier-free guidance around a denoiser: uncond + scale * (cond - uncond).
 
     `cond` / `uncond` are given at construction or per call (a call's value wins). As the originals
     (ddim.py p_sample_ddim, dpm_solver.py model_wrapper) the two branches run as ONE batch in the order
-    [uncond, cond], and scale 1 (or no uncond) skips the unconditional branch. Other extra arguments
-    (e.g. c_concat) are shared by both halves.
+    [uncond, cond], and scale 1 (or no uncond) skips the unconditional branch. Other extra arguments are shared
+    by both halves. Two conditionings that cannot share a batch (`pairable`), or `batched=False`, run as two
+    calls, cond first (ControlNet's ddim_hacked.py; A1111 for prompts of different chunk counts); kernels
+    block by batch size, so the two forms agree to float rounding, not bit for bit.
     """
 
-    def __init__(self, denoiser, scale: float = 1.0, *, cond=None, uncond=None):
+    def __init__(self, denoiser, scale: float = 1.0, *, cond=None, uncond=None, batched: bool = True):
         self.denoiser, self.scale, self.cond, self.uncond = denoiser, scale, cond, uncond
+        self.batched = batched
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
@@ -121,7 +134,8 @@ class CFGDenoiser:
         return self.denoiser.sigmas
 
     def replace(self, **changes) -> CFGDenoiser:
-        return CFGDenoiser(self.denoiser.replace(**changes), self.scale, cond=self.cond, uncond=self.uncond)
+        return CFGDenoiser(self.denoiser.replace(**changes), self.scale, cond=self.cond, uncond=self.uncond,
+                           batched=self.batched)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond=None, uncond=None, **extra_args):
         cond = self.cond if cond is None else cond
@@ -130,7 +144,11 @@ class CFGDenoiser:
             if self.scale != 1.0:
                 raise ValueError(f"guidance scale {self.scale} needs an unconditional conditioning")
             return self.denoiser(x, sigma, cond=cond, **extra_args)
-        extra = {k: _double(v) for k, v in extra_args.items()}
-        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), cond=_pair(uncond, cond), **extra)
-        denoised_uncond, denoised_cond = both.chunk(2)
+        if self.batched and pairable(uncond, cond):
+            extra = {k: _double(v) for k, v in extra_args.items()}
+            both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), cond=_pair(uncond, cond), **extra)
+            denoised_uncond, denoised_cond = both.chunk(2)
+        else:
+            denoised_cond = self.denoiser(x, sigma, cond=cond, **extra_args)
+            denoised_uncond = self.denoiser(x, sigma, cond=uncond, **extra_args)
         return denoised_uncond + self.scale * (denoised_cond - denoised_uncond)

@@ -6,8 +6,8 @@ None of these changes the model's math; each only changes how or where it is com
   oneDNN's blocked layout and runs oneDNN's inference kernels on it. The plain `F.conv2d`/`F.linear`
   reorder the weight on EVERY call; at 256 px a full-size UNet step moves more weight bytes than activation
   bytes, so this pays most in the low-resolution levels (1280-channel 3x3 convs at 4x4: about 3x). The same
-  reordering is what torch.compile does with inductor's `freezing` on CPU. Measured (scripts/bench.py, 2
-  cores, 256 px): UNet step 0.70x diffusers' time, VAE decode 0.97x (compute-bound, large maps). Costs one
+  reordering is what torch.compile does with inductor's `freezing` on CPU. Measured: README, Speed (the
+  tables come from scripts/bench.py runs, with the command that made them). Costs one
   extra copy of the weights (`packed_bytes`: +3.3 GB for the SD v1 UNet). Packed convolutions output
   channels-last activations.
 - `channels_last(module)`: 4-D weights re-laid out (not duplicated) in channels-last order, so oneDNN / cuDNN
@@ -50,11 +50,12 @@ def configure(model: nn.Module, *, attention: str | None = None, slice_size: int
         channels_last(model)
     if prepack_weights:
         prepack(model)
+    networks = model.networks()
     if vae_tile is not None or vae_slice is not None:
-        tiling.enable_tiled_decode(model.first_stage_model, vae_tile, vae_tile_overlap, vae_slice)
+        tiling.enable_tiled_decode(networks["vae"], vae_tile, vae_tile_overlap, vae_slice)
     if compile_networks:
-        compile_module(model.model.diffusion_model)
-        compile_module(model.first_stage_model.decoder)
+        compile_module(networks["unet"])
+        compile_module(networks["vae"].decoder)
     if offload_to is not None:
         return SequentialOffload(model, device, offload_to)
     return None
@@ -202,11 +203,11 @@ def _contiguous_outputs(module: nn.Module) -> None:
 
 
 def _parts(module: nn.Module) -> dict[str, nn.Module]:
-    # the networks whose outputs reach the caller: a LatentDiffusion's UNet and VAE halves, or a bare network
-    if hasattr(module, "first_stage_model"):
-        vae = module.first_stage_model
-        return {"unet": module.model.diffusion_model, "vae.encoder": vae.quant_conv,
-                "vae.decoder": vae.decoder}
+    # the networks whose outputs reach the caller: a whole model's UNet and VAE halves, or a bare network
+    if hasattr(module, "networks"):
+        networks = module.networks()
+        vae = networks["vae"]
+        return {"unet": networks["unet"], "vae.encoder": vae.quant_conv, "vae.decoder": vae.decoder}
     if hasattr(module, "decoder") and hasattr(module, "quant_conv"):
         return {"vae.encoder": module.quant_conv, "vae.decoder": module.decoder}
     return {"module": module}
@@ -250,21 +251,20 @@ class SequentialOffload:
     Inputs are moved to `device` and outputs back to where the caller's first tensor argument was, so the
     pipeline works unchanged: with every part offloaded, `pipeline.model_device` is `offload_device` and the
     sampler's few small tensors live there. Hooks sit on the modules the public calls run: the text encoder
-    itself (`encode_text`), the UNet, `first_stage_model.encoder`..`quant_conv` (`vae.encode`) and
+    itself (`encode_text`), the UNet, the VAE's `encoder`..`quant_conv` (`vae.encode`) and
     `post_quant_conv`..`decoder` (`vae.decode`). `remove()` takes the hooks off (the parts stay where they are).
     """
 
     def __init__(self, model: nn.Module, device: torch.device | str, offload_device: torch.device | str = "cpu"):
         self.device = torch.device(device)
         self.offload_device = torch.device(offload_device)
-        vae = model.first_stage_model
-        self.parts = {"text": model.cond_stage_model, "unet": model.model.diffusion_model, "vae": vae}
+        self.parts = model.networks()
+        vae = self.parts["vae"]
         self.active: str | None = None
         self.log: list[str] = []  # activation order, for tests and logs
         self._caller: dict[str, torch.device | None] = {}
         model.to(self.offload_device)
-        spans = {"text": (model.cond_stage_model, model.cond_stage_model),
-                 "unet": (model.model.diffusion_model, model.model.diffusion_model),
+        spans = {"text": (self.parts["text"], self.parts["text"]), "unet": (self.parts["unet"], self.parts["unet"]),
                  "vae.encode": (vae.encoder, vae.quant_conv),
                  "vae.decode": (vae.post_quant_conv, vae.decoder)}
         self._handles = []

@@ -37,24 +37,19 @@ import torch
 from torch import nn
 
 from ldm.checkpoint import CheckpointError, read_state_dict
+from ldm.schedules import DDPM_BUFFERS
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
 TEXT = "cond_stage_model."
 CLIP_NEW, CLIP_OLD = TEXT + "transformer.text_model.", TEXT + "transformer."
-EMA_BOOKKEEPING = ("model_ema.decay", "model_ema.num_updates")
-# ddpm.py DDPM.register_schedule: all derived from betas, which the config determines
-SCHEDULE_KEYS = (
-    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
-    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
-    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
-)
-
+EMA_PREFIX = "model_ema."
+EMA_BOOKKEEPING = (EMA_PREFIX + "decay", EMA_PREFIX + "num_updates")
 # Checkpoint keys that may be left unused, by rule name. A rule only applies to a key the model does not
 # take (a model that has e.g. `logit_scale` gets the file's value).
 IGNORED = {
     # recomputed from the config; alphas_cumprod and betas are compared with the file (check_schedule)
-    "schedule buffer": lambda key: key in SCHEDULE_KEYS,
+    "schedule buffer": lambda key: key in DDPM_BUFFERS,
     # training state of LitEma
     "EMA bookkeeping": lambda key: key in EMA_BOOKKEEPING,
     # transformers' arange(77) buffer; our text encoder computes the positions (checked in check_position_ids)
@@ -74,9 +69,16 @@ IGNORED_IN_VAE_FILE = {
 }
 
 
+def lit_ema_name(name: str) -> str:
+    """LitEma's buffer name for a parameter of the module it wraps: buffer names may not hold dots, so they are
+    removed (ldm/modules/ema.py). The one home of this rule (training writes it, loading reads it)."""
+    return name.replace(".", "")
+
+
 def ema_key(unet_key: str) -> str:
-    """LitEma's buffer name for a UNet key: model.diffusion_model.out.2.weight -> model_ema.diffusion_modelout2weight."""
-    return "model_ema." + unet_key[len("model."):].replace(".", "")
+    """The checkpoint key of a UNet weight's EMA: model.diffusion_model.out.2.weight -> model_ema.diffusion_modelout2weight
+    (LitEma wraps `model`, the DiffusionWrapper, and is saved as `model_ema`)."""
+    return EMA_PREFIX + lit_ema_name(unet_key[len("model."):])
 
 
 def _shape(value) -> tuple[int, ...]:

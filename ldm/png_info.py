@@ -12,10 +12,8 @@ as a JSON string (A1111's `quote`). `format_parameters` and `parse_parameters` a
 the dict `{"Prompt": ..., "Negative prompt": ..., <key>: <value>, ...}` (all values are strings). Unlike
 A1111 we do not strip the prompt, so leading and trailing whitespace survive the round trip.
 
-`infotext` / `options_from_infotext` map the CLI's options (ldm/cli.py) to those fields and back; that is
-what scripts/rerun.py regenerates an image from. "Seed" is the --seed of the RUN, the same for every image;
-with "Batch number" (0-based, counting n_iter x prompt chunks) and "Batch pos" (index in the batch) it
-identifies the image, since all batches of a run draw from one generator in turn (see ldm/cli.py).
+Which options become which fields is the command line's business (ldm/cli/record.py); this module knows only
+the text format, the PNG chunk, file hashes and numbered writing.
 """
 
 from __future__ import annotations
@@ -25,13 +23,9 @@ import json
 import os
 import re
 
-from argparse import Namespace
-
 import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
-
-from ldm import __version__
 
 PARAMETERS_KEY = "parameters"
 NEGATIVE_PREFIX = "Negative prompt: "
@@ -154,74 +148,3 @@ def save_numbered(image: np.ndarray, directory: str, pattern: str, template: str
         index += 1  # a file appeared since we looked (another process writing to the same folder)
     save_png(image, path, parameters)
     return path
-
-
-# (infotext key, option name, type): the parameters a PNG records and rerun reads back
-FIELDS = (
-    ("Steps", "ddim_steps", int), ("Sampler", "sampler", str), ("Schedule type", "schedule", str),
-    ("CFG scale", "scale", float), ("Eta", "ddim_eta", float), ("Seed", "seed", int),
-    ("Latent channels", "C", int), ("Downsampling factor", "f", int),
-    ("Denoising strength", "strength", float), ("Batch size", "n_samples", int),
-    ("Fixed code", "fixed_code", bool), ("EMA", "no_ema", bool), ("Precision", "precision", str),
-)
-
-
-# (infotext key, option name, type) of the opt-in paths that can change pixels: tiling changes the decode, the
-# others the summation order (last-bit rounding, which can flip a uint8 value). Written only when used, so a
-# PNG made on the plain path carries none; rerun leaves an absent one at its default (off).
-FAST_FIELDS = (
-    ("Attention", "attention", str), ("Attention slice", "attention_slice", int), ("Prepack", "prepack", bool),
-    ("Channels last", "channels_last", bool), ("Compile", "compile", bool), ("VAE tile", "vae_tile", int),
-    ("VAE tile overlap", "vae_tile_overlap", int), ("VAE slice", "vae_slice", int),
-)
-
-
-def infotext(opts: Namespace, prompt: str, batch: int, pos: int, hashes: dict[str, str]) -> str:
-    """The `parameters` text of one image made with the CLI options `opts` (ldm/cli.py): the prompt, the
-    FIELDS (keys as A1111 where it has them), `hashes` (Model hash, ...), its batch number and position."""
-    fields = {"Prompt": prompt, "Negative prompt": opts.negative_prompt}
-    for key, name, kind in FIELDS:
-        if not hasattr(opts, name):
-            continue  # txt2img has no strength
-        value = getattr(opts, name)
-        if name == "no_ema":
-            value = not value
-        fields[key] = repr(float(value)) if kind is float else str(value)
-        if key == "Seed":
-            fields["Size"] = f"{opts.W}x{opts.H}"
-    for key, name, kind in FAST_FIELDS:
-        value = getattr(opts, name, None)
-        if not (value is None or value is False or value == "sdpa"):  # `is`: an overlap of 0 is recorded
-            fields[key] = str(value)
-    fields.update(hashes)
-    fields.update({"Batch number": str(batch), "Batch pos": str(pos), "Version": f"ldm {__version__}"})
-    return format_parameters(fields)
-
-
-def _read(kind: type, text: str):
-    return text == "True" if kind is bool else kind(text)
-
-
-def options_from_infotext(fields: dict[str, str], opts: Namespace) -> tuple[Namespace, int, int]:
-    """Set the generation options of `opts` from parsed infotext fields (inverse of `infotext`); returns
-    (opts, batch number, batch pos). ValueError when a field is missing or unreadable."""
-    try:
-        opts.prompt = fields["Prompt"]
-        opts.negative_prompt = fields.get("Negative prompt", "")
-        for key, name, kind in FIELDS:
-            if not hasattr(opts, name):
-                continue
-            if name == "no_ema":  # recorded as "EMA: True/False"
-                setattr(opts, name, fields[key] == "False")
-            else:
-                setattr(opts, name, _read(kind, fields[key]))
-        for key, name, kind in FAST_FIELDS:
-            if key in fields:
-                setattr(opts, name, _read(kind, fields[key]))
-        opts.W, opts.H = (int(v) for v in fields["Size"].split("x"))
-        batch, pos = int(fields["Batch number"]), int(fields["Batch pos"])
-    except KeyError as e:
-        raise ValueError(f"the parameters lack {e.args[0]!r}") from None
-    except ValueError as e:
-        raise ValueError(f"unreadable parameter: {e}") from None
-    return opts, batch, pos

@@ -9,6 +9,8 @@ continuous sigma back to a (fractional) UNet timestep.
 """
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -36,6 +38,34 @@ def make_beta_schedule(timesteps: int = 1000, linear_start: float = 0.00085, lin
 def alphas_cumprod_from_betas(betas: torch.Tensor) -> torch.Tensor:
     """prod_{s<=t} (1 - beta_s), in the dtype of `betas` (the original uses np.cumprod in float64)."""
     return torch.cumprod(1.0 - betas, dim=0)
+
+
+# The buffers ddpm.py DDPM.register_schedule stores in every original checkpoint, in its order.
+DDPM_BUFFERS = (
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+)
+
+
+def ddpm_buffers(betas: torch.Tensor, v_posterior: float = 0.0) -> dict[str, torch.Tensor]:
+    """The 12 DDPM_BUFFERS of `betas` as ddpm.py register_schedule computes them (float64 math; the original
+    stores float32, callers cast). Only what checkpoints hold: sampling needs alphas_cumprod alone."""
+    betas = betas.to(torch.float64)
+    ac = alphas_cumprod_from_betas(betas)
+    prev = torch.cat([ac.new_ones(1), ac[:-1]])
+    variance = (1 - v_posterior) * betas * (1.0 - prev) / (1.0 - ac) + v_posterior * betas
+    values = {
+        "betas": betas, "alphas_cumprod": ac, "alphas_cumprod_prev": prev,
+        "sqrt_alphas_cumprod": ac.sqrt(), "sqrt_one_minus_alphas_cumprod": (1.0 - ac).sqrt(),
+        "log_one_minus_alphas_cumprod": (1.0 - ac).log(), "sqrt_recip_alphas_cumprod": (1.0 / ac).sqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1.0 / ac - 1).sqrt(), "posterior_variance": variance,
+        # clipped because the posterior variance is 0 at the start of the chain
+        "posterior_log_variance_clipped": variance.clamp(min=1e-20).log(),
+        "posterior_mean_coef1": betas * prev.sqrt() / (1.0 - ac),
+        "posterior_mean_coef2": (1.0 - prev) * (1.0 - betas).sqrt() / (1.0 - ac),
+    }
+    return {name: values[name] for name in DDPM_BUFFERS}
 
 
 def discrete_sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
@@ -191,3 +221,36 @@ def k_sigma_list(sigmas: torch.Tensor, steps: int, schedule: str = "uniform") ->
     if schedule == "exponential":
         return exponential_sigma_list(steps, sigma_min, sigma_max)
     raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(K_SCHEDULES)}")
+
+
+# -- grids: name -> (function, schedule names), the table a sampler's registry entry names ----------------
+
+class Grid(NamedTuple):
+    """How a run's sigma list is built: build(discrete sigmas, steps, schedule) -> descending sigma list, and
+    the schedule names `build` accepts (the first is the default)."""
+
+    build: Callable[[torch.Tensor, int, str], torch.Tensor]
+    schedules: tuple[str, ...]
+
+
+def _dpm_solver_grid(sigmas: torch.Tensor, steps: int, schedule: str) -> torch.Tensor:
+    # the originals' skip types under the DDIM discretization names the command line uses for them
+    return dpm_solver_sigma_list(sigmas, steps, {"uniform": "time_uniform", "quad": "time_quadratic"}[schedule])
+
+
+GRIDS: dict[str, Grid] = {
+    "ddim": Grid(ddim_sigma_list, ("uniform", "quad")),  # CompVis ddim.py / plms.py
+    "ddpm": Grid(ddpm_sigma_list, ("uniform", "quad")),  # ddpm.py p_sample_loop, subsampled
+    "dpm_solver": Grid(_dpm_solver_grid, ("uniform", "quad")),  # Stability dpm_solver, also UniPC
+    "k": Grid(k_sigma_list, K_SCHEDULES),  # k-diffusion get_sigmas / get_sigmas_karras / _exponential
+}
+
+
+def sigma_list(grid: str, sigmas: torch.Tensor, steps: int, schedule: str) -> torch.Tensor:
+    """The sigma list of a run of `steps` on `grid` (a GRIDS name) over the discrete `sigmas`."""
+    if grid not in GRIDS:
+        raise ValueError(f"unknown grid {grid!r}; valid: {', '.join(GRIDS)}")
+    valid = GRIDS[grid].schedules
+    if schedule not in valid:
+        raise ValueError(f"unknown schedule {schedule!r} for this sampler; valid: {', '.join(valid)}")
+    return GRIDS[grid].build(sigmas, steps, schedule)

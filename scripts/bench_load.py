@@ -55,9 +55,9 @@ def write_checkpoint(config: Path, path: Path, layout: str, file_dtype: str) -> 
     import torch
 
     from ldm.config import load_config
-    from ldm.loader import SCHEDULE_KEYS, UNET, ema_key
+    from ldm.loader import UNET, ema_key
     from ldm.models.latent_diffusion import build_model
-    from ldm.schedules import alphas_cumprod_from_betas, make_beta_schedule
+    from ldm.schedules import ddpm_buffers, make_beta_schedule
 
     cfg = load_config(config)
     model = build_model(cfg, device="meta")
@@ -83,20 +83,7 @@ def write_checkpoint(config: Path, path: Path, layout: str, file_dtype: str) -> 
         tensor = torch.frombuffer(block_bytes, dtype=dtype, count=numel, offset=start * dtype.itemsize)
         state[key] = tensor.reshape(shape)
     betas = make_beta_schedule(cfg.timesteps, cfg.linear_start, cfg.linear_end)
-    alphas_cumprod = alphas_cumprod_from_betas(betas)
-    prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
-    variance = betas * (1 - prev) / (1 - alphas_cumprod)
-    schedule = {  # ddpm.py register_schedule (v_posterior 0)
-        "betas": betas, "alphas_cumprod": alphas_cumprod, "alphas_cumprod_prev": prev,
-        "sqrt_alphas_cumprod": alphas_cumprod.sqrt(), "sqrt_one_minus_alphas_cumprod": (1 - alphas_cumprod).sqrt(),
-        "log_one_minus_alphas_cumprod": (1 - alphas_cumprod).log(),
-        "sqrt_recip_alphas_cumprod": (1 / alphas_cumprod).sqrt(),
-        "sqrt_recipm1_alphas_cumprod": (1 / alphas_cumprod - 1).sqrt(),
-        "posterior_variance": variance, "posterior_log_variance_clipped": variance.clamp(min=1e-20).log(),
-        "posterior_mean_coef1": betas * prev.sqrt() / (1 - alphas_cumprod),
-        "posterior_mean_coef2": (1 - prev) * (1 - betas).sqrt() / (1 - alphas_cumprod),
-    }
-    state.update({k: schedule[k].to(dtype) for k in SCHEDULE_KEYS})
+    state.update({k: v.to(dtype) for k, v in ddpm_buffers(betas, cfg.v_posterior).items()})
     state["model_ema.decay"] = torch.tensor(0.9999, dtype=torch.float32)
     state["model_ema.num_updates"] = torch.tensor(0, dtype=torch.int32)
 

@@ -2,16 +2,19 @@
 
 Run with the reference environment (k-diffusion, torchsde are not dependencies of ldm):
 
-    .venv-ref/bin/python tests/make_fixtures_samplers.py
+    .venv-ref/bin/python tests/make_fixtures_samplers.py --compvis DIR --stability DIR --unipc GITDIR
+
+with DIR a checkout of CompVis/stable-diffusion and of Stability-AI/stablediffusion, and GITDIR a git
+directory (or checkout) of wl-zhao/UniPC.
 
 References (generated with k-diffusion 0.1.1, torchsde 0.2.6, torch 2.14.1, numpy 1.26.4):
 - CompVis/stable-diffusion ddim.py, plms.py, ddpm.py (LatentDiffusion.p_sample_loop, register_schedule) and
-  util.py, read from the read-only tree $LDM_REF_COMPVIS (default /work/ref/CompVis+stable-diffusion);
+  util.py, read from the --compvis tree;
 - Stability-AI/stablediffusion ddim.py (v-prediction), ddpm.py, dpm_solver/{sampler,dpm_solver}.py from
-  $LDM_REF_STABILITY (default /work/ref/Stability-AI+stablediffusion);
+  the --stability tree;
 - k-diffusion 0.1.1 (pip) sampling.py and external.py CompVisDenoiser / CompVisVDenoiser;
-- UniPC (wl-zhao/UniPC uni_pc.py, variant bh2) from the git mirror $LDM_REF_UNIPC (default
-  /work/.mirror/wl-zhao+UniPC/repo, file read with `git show HEAD:uni_pc.py`; skipped if absent).
+- UniPC (wl-zhao/UniPC uni_pc.py, variant bh2) from --unipc (a checkout, or a git directory whose HEAD's
+  uni_pc.py is read with `git show`).
 The originals are `ldm.*` packages like ours: they are loaded from their files under other module names,
 with the few `ldm.*` modules they import injected into sys.modules (stubs, or the reference util.py) in
 THIS process only; our `ldm` is never imported here. Their CUDA-only register_buffer is replaced by a plain
@@ -31,7 +34,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -41,9 +43,6 @@ from pathlib import Path
 import torch
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "samplers_parity.pt"
-REF_COMPVIS = Path(os.environ.get("LDM_REF_COMPVIS", "/work/ref/CompVis+stable-diffusion"))
-REF_STABILITY = Path(os.environ.get("LDM_REF_STABILITY", "/work/ref/Stability-AI+stablediffusion"))
-REF_UNIPC = Path(os.environ.get("LDM_REF_UNIPC", "/work/.mirror/wl-zhao+UniPC/repo"))
 
 SHAPE = (2, 4, 8, 8)  # two samples with different prompts, so a swapped CFG batch order shows
 CONTEXT = (2, 5, 8)
@@ -109,7 +108,7 @@ def _load(name: str, path: Path):
     return module
 
 
-def load_references():
+def load_references(ref_compvis: Path, ref_stability: Path, ref_unipc: Path):
     import torch.nn as nn
 
     _stub("pytorch_lightning", LightningModule=nn.Module)
@@ -122,7 +121,7 @@ def load_references():
                  "ldm.modules.diffusionmodules.openaimodel", "ldm.modules.encoders.modules"):
         _stub(name)
     refs = {}
-    for tag, root in (("compvis", REF_COMPVIS), ("stability", REF_STABILITY)):
+    for tag, root in (("compvis", ref_compvis), ("stability", ref_stability)):
         sys.modules["ldm.modules.diffusionmodules.util"] = _load(
             f"ref_{tag}_util", root / "ldm/modules/diffusionmodules/util.py")
         if tag == "stability":
@@ -133,20 +132,21 @@ def load_references():
                          ddpm=_load(f"ref_{tag}_ddpm", root / "ldm/models/diffusion/ddpm.py"),
                          util=sys.modules["ldm.modules.diffusionmodules.util"])
     _stub("ref_dpm")
-    _load("ref_dpm.dpm_solver", REF_STABILITY / "ldm/models/diffusion/dpm_solver/dpm_solver.py")
-    refs["dpm_sampler"] = _load("ref_dpm.sampler", REF_STABILITY / "ldm/models/diffusion/dpm_solver/sampler.py")
+    _load("ref_dpm.dpm_solver", ref_stability / "ldm/models/diffusion/dpm_solver/dpm_solver.py")
+    refs["dpm_sampler"] = _load("ref_dpm.sampler", ref_stability / "ldm/models/diffusion/dpm_solver/sampler.py")
     for sampler in (refs["compvis"]["ddim"].DDIMSampler, refs["compvis"]["plms"].PLMSSampler):
         sampler.register_buffer = lambda self, name, attr: setattr(self, name, attr)  # theirs moves to CUDA
-    refs["unipc"] = None
-    if (REF_UNIPC / "HEAD").exists() or (REF_UNIPC / ".git").exists():
-        source = subprocess.run(["git", f"--git-dir={REF_UNIPC}", "show", "HEAD:uni_pc.py"], check=True,
-                                capture_output=True, text=True).stdout
+    if (ref_unipc / "uni_pc.py").exists():
+        path, git_dir = ref_unipc / "uni_pc.py", ref_unipc / ".git"
+    else:  # a bare git directory
+        git_dir = ref_unipc
         path = Path(tempfile.mkdtemp()) / "uni_pc.py"
-        path.write_text(source)
-        refs["unipc"] = _load("ref_unipc", path)
-        refs["unipc"].print = lambda *a, **k: None  # it prints on every step
-        refs["unipc_commit"] = subprocess.run(["git", f"--git-dir={REF_UNIPC}", "rev-parse", "HEAD"],
-                                              check=True, capture_output=True, text=True).stdout.strip()
+        path.write_text(subprocess.run(["git", f"--git-dir={git_dir}", "show", "HEAD:uni_pc.py"], check=True,
+                                       capture_output=True, text=True).stdout)
+    refs["unipc"] = _load("ref_unipc", path)
+    refs["unipc"].print = lambda *a, **k: None  # it prints on every step
+    refs["unipc_commit"] = subprocess.run(["git", f"--git-dir={git_dir}", "rev-parse", "HEAD"], check=True,
+                                          capture_output=True, text=True).stdout.strip()
     return refs
 
 
@@ -223,7 +223,7 @@ class ReplayBrownian:
         return z
 
 
-K_CASES = {  # name: (k-diffusion function, steps, schedule, parameterization, quantize, scale)
+K_CASES = {  # name: (k-diffusion function, steps, schedule, parameterization, quantize, scale[, options])
     "euler": ("sample_euler", 8, "karras", "eps", False, SCALE),
     "euler_v": ("sample_euler", 8, "uniform", "v", False, SCALE),
     "euler_quantized": ("sample_euler", 8, "uniform", "eps", True, SCALE),
@@ -238,6 +238,13 @@ K_CASES = {  # name: (k-diffusion function, steps, schedule, parameterization, q
     "dpmpp_sde": ("sample_dpmpp_sde", 6, "karras", "eps", False, SCALE),
     "dpmpp_2m_sde": ("sample_dpmpp_2m_sde", 8, "karras", "eps", False, SCALE),
     "dpmpp_3m_sde": ("sample_dpmpp_3m_sde", 8, "karras", "eps", False, SCALE),
+    # churn (Karras et al. 2022 Algorithm 2); s_tmin/s_tmax leave some steps at gamma 0, where k-diffusion
+    # still draws its eps: the draws of the steps after them must line up
+    "euler_churn": ("sample_euler", 8, "karras", "eps", False, SCALE,
+                    {"s_churn": 2.0, "s_tmin": 0.3, "s_tmax": 5.0, "s_noise": 1.003}),
+    "heun_churn": ("sample_heun", 6, "karras", "eps", False, SCALE, {"s_churn": 1.0}),
+    "dpm2_churn": ("sample_dpm_2", 6, "exponential", "eps", False, SCALE, {"s_churn": 1.5, "s_tmax": 8.0}),
+    "dpmpp_2m_sde_heun": ("sample_dpmpp_2m_sde", 8, "karras", "eps", False, SCALE, {"solver_type": "heun"}),
 }
 K_NAMES = {"sample_euler": "euler", "sample_euler_ancestral": "euler_a", "sample_heun": "heun",
            "sample_dpm_2": "dpm2", "sample_dpm_2_ancestral": "dpm2_a", "sample_lms": "lms",
@@ -248,7 +255,8 @@ K_NAMES = {"sample_euler": "euler", "sample_euler_ancestral": "euler_a", "sample
 
 def k_runs(kd, toy, alphas_cumprod, inputs):
     cases = {}
-    for case, (fn_name, steps, schedule, param, quantize, scale) in K_CASES.items():
+    for case, (fn_name, steps, schedule, param, quantize, scale, *rest) in K_CASES.items():
+        options = rest[0] if rest else {}
         model = types.SimpleNamespace(alphas_cumprod=alphas_cumprod, apply_model=toy)
         wrap = (kd.external.CompVisDenoiser if param == "eps" else kd.external.CompVisVDenoiser)(
             model, quantize=quantize)
@@ -270,9 +278,10 @@ def k_runs(kd, toy, alphas_cumprod, inputs):
         seed = 100 + len(cases)
         torch.manual_seed(seed)
         extra_args = {"cond": inputs["cond"], "uncond": inputs["uncond"]}
-        out = getattr(kd.sampling, fn_name)(cfg, x, sigmas, extra_args=extra_args, disable=True, **kwargs)
+        out = getattr(kd.sampling, fn_name)(cfg, x, sigmas, extra_args=extra_args, disable=True, **kwargs,
+                                            **options)
         cases[case] = dict(sampler=K_NAMES[fn_name], steps=steps, schedule=schedule, parameterization=param,
-                           quantize=quantize, scale=scale, seed=seed, out=out, sigmas=sigmas)
+                           quantize=quantize, scale=scale, seed=seed, out=out, sigmas=sigmas, options=options)
     return cases
 
 
@@ -344,18 +353,17 @@ def original_runs(refs, toy, inputs):
         out = model.p_sample_loop(cond, x_T.shape, x_T=x_T, verbose=False, timesteps=steps)
         record(case, "ddpm", steps, "uniform", seed, out, log[::50], scale=1.0, clip_denoised=clip)
 
-    if refs["unipc"] is not None:
-        up = refs["unipc"]
-        for case, steps in {"unipc": 10, "unipc_20": 20}.items():
-            model = fake_model(st["ddpm"], toy, "eps")
-            ns = up.NoiseScheduleVP("discrete", alphas_cumprod=model.alphas_cumprod)
-            model_fn = up.model_wrapper(lambda x, t, c: model.apply_model(x, t, c), ns, model_type="noise",
-                                        guidance_type="classifier-free", condition=cond,
-                                        unconditional_condition=uncond, guidance_scale=SCALE)
-            solver = up.UniPC(model_fn, ns, algorithm_type="data_prediction", variant="bh2")
-            out = solver.sample(x_T.clone(), steps=steps, skip_type="time_uniform", method="multistep",
-                                order=3, lower_order_final=True)
-            record(case, "unipc", steps, "uniform", 0, out, [torch.zeros(2)])
+    up = refs["unipc"]
+    for case, steps in {"unipc": 10, "unipc_20": 20}.items():
+        model = fake_model(st["ddpm"], toy, "eps")
+        ns = up.NoiseScheduleVP("discrete", alphas_cumprod=model.alphas_cumprod)
+        model_fn = up.model_wrapper(lambda x, t, c: model.apply_model(x, t, c), ns, model_type="noise",
+                                    guidance_type="classifier-free", condition=cond,
+                                    unconditional_condition=uncond, guidance_scale=SCALE)
+        solver = up.UniPC(model_fn, ns, algorithm_type="data_prediction", variant="bh2")
+        out = solver.sample(x_T.clone(), steps=steps, skip_type="time_uniform", method="multistep",
+                            order=3, lower_order_final=True)
+        record(case, "unipc", steps, "uniform", 0, out, [torch.zeros(2)])
     return cases
 
 
@@ -376,13 +384,20 @@ def moments(kd):
     return out
 
 
-def main():
+def main(argv=None):
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--compvis", type=Path, required=True, help="checkout of CompVis/stable-diffusion")
+    p.add_argument("--stability", type=Path, required=True, help="checkout of Stability-AI/stablediffusion")
+    p.add_argument("--unipc", type=Path, required=True, help="checkout or git directory of wl-zhao/UniPC")
+    args = p.parse_args(argv)
     sys.modules["clip"] = types.ModuleType("clip")  # k_diffusion.evaluation imports it; unused here
     import k_diffusion as kd
     import numpy
     import torchsde
 
-    refs = load_references()
+    refs = load_references(args.compvis, args.stability, args.unipc)
     weights = ToyUNet.random_weights()
     toy = ToyUNet(weights)
     g = torch.Generator().manual_seed(0)

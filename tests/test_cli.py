@@ -16,7 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm import cli, fast, png_info, rerun
+from ldm import cli, fast, png_info
+from ldm.cli import record, rerun
+from ldm.config import load_config
 from tiny_models import make_tiny_checkpoint, tiny_config_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,13 +119,12 @@ def test_options_round_trip_through_the_infotext():
     opts = cli.build_parser("img2img").parse_args(["--prompt", "x, y", "--negative_prompt", "z", "--scale", "0.1",
                                                    "--strength", "0.3", "--no-ema", "--fixed_code"])
     opts.sampler, opts.H, opts.W = "dpmpp_2m", 48, 80
-    text = png_info.infotext(opts, opts.prompt, 3, 1, {"Model hash": "abc"})
-    back, batch, pos = png_info.options_from_infotext(png_info.parse_parameters(text),
-                                                 cli.build_parser("img2img").parse_args([]))
+    text = record.infotext(vars(opts), opts.prompt, 3, 1, {"Model hash": "abc"})
+    back, batch, pos = record.options_from_infotext(png_info.parse_parameters(text), vars(opts))
     assert (batch, pos) == (3, 1)
-    for key, name, _ in png_info.FIELDS:
-        assert getattr(back, name) == getattr(opts, name), key
-    assert (back.prompt, back.negative_prompt, back.H, back.W) == ("x, y", "z", 48, 80)
+    for key, name, _ in record.FIELDS:
+        assert back[name] == getattr(opts, name), key
+    assert (back["prompt"], back["negative_prompt"], back["H"], back["W"]) == ("x, y", "z", 48, 80)
 
 
 # -------------------------------------------------------------------------------------- files and reruns
@@ -283,19 +284,19 @@ def test_speed_options_round_trip_through_the_infotext():
     parse = cli.build_parser("txt2img").parse_args
     opts = parse(["--vae_tile", "4", "--vae_tile_overlap", "0", "--attention", "math", "--vae_slice", "3"])
     opts.sampler, opts.H, opts.W = "ddim", 16, 16
-    fields = png_info.parse_parameters(png_info.infotext(opts, "x", 0, 0, {}))
+    fields = png_info.parse_parameters(record.infotext(vars(opts), "x", 0, 0, {}))
     assert (fields["VAE tile"], fields["VAE tile overlap"], fields["Attention"], fields["VAE slice"]) == \
         ("4", "0", "math", "3")
     assert "Prepack" not in fields and "Compile" not in fields
-    back, _, _ = png_info.options_from_infotext(fields, parse([]))
-    assert (back.vae_tile, back.vae_tile_overlap, back.attention, back.vae_slice, back.prepack) == \
-        (4, 0, "math", 3, False)
+    back, _, _ = record.options_from_infotext(fields, vars(parse([])))
+    assert (back["vae_tile"], back["vae_tile_overlap"], back["attention"], back["vae_slice"]) == (4, 0, "math", 3)
+    assert "prepack" not in back  # absent: rerun leaves it at its default (off)
 
 
 def test_compile_and_offload_flags_reach_the_model(tiny, monkeypatch):
     compiled, offloads = [], []
-    monkeypatch.setattr(cli.fast, "compile_module", lambda module, **kw: compiled.append(type(module).__name__))
-    monkeypatch.setattr(cli.fast, "SequentialOffload", lambda model, device, offload_device: offloads.append(
+    monkeypatch.setattr(fast, "compile_module", lambda module, **kw: compiled.append(type(module).__name__))
+    monkeypatch.setattr(fast, "SequentialOffload", lambda model, device, offload_device: offloads.append(
         (device, torch.device(offload_device), next(model.parameters()).device)))
     opts = cli.build_parser("txt2img").parse_args(small(tiny, "unused", "--compile", "--offload"))
     opts.device = torch.device("cpu")
@@ -303,7 +304,11 @@ def test_compile_and_offload_flags_reach_the_model(tiny, monkeypatch):
     assert compiled == ["UNetModel", "Decoder"]
     # --offload loads into CPU memory and hands the parts to SequentialOffload for the execution device
     assert offloads == [(torch.device("cpu"), torch.device("cpu"), torch.device("cpu"))]
-    assert model is not None
+    # the model of the flags: the tiny config, its EMA UNet weights (the default) from the checkpoint
+    state = torch.load(tiny[1], map_location="cpu", weights_only=True)["state_dict"]
+    key = "model.diffusion_model.out.2.weight"
+    assert model.config == load_config(tiny[0])
+    assert torch.equal(model.state_dict()[key], state["model_ema.diffusion_modelout2weight"])
 
 
 # ------------------------------------------------------------------------------------------------ bad input

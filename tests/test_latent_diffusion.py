@@ -125,24 +125,35 @@ def test_build_model_dtype_and_grad_flags():
 
 
 @pytest.mark.parametrize("name", TINY_CONFIGS)
-def test_tiny_model_runs_with_unit_scale_activations(name):
+def test_apply_model_is_the_unet_under_the_conditioning_route(name):
+    """apply_model routes a conditioning dict to the UNet exactly as ddpm.py DiffusionWrapper: the context
+    from c_crossattn (list entries concatenated on the token axis), the inpainting channels appended to x,
+    nothing else; and every input it routes changes the output (none is dropped on the way)."""
     model = tiny_model(tiny_config_path(name), seed=0)
     cfg = model.config
-    assert isinstance(model, LatentDiffusion)
-    assert (model.scale_factor, model.parameterization, model.conditioning_key) == (
-        cfg.scale_factor, cfg.parameterization, cfg.conditioning_key)
     gen = torch.Generator().manual_seed(0)
+    hybrid = cfg.conditioning_key == "hybrid"
     with torch.no_grad():
         context = model.encode_text(["a photograph of an astronaut riding a horse", ""])
-        width = cfg.unet.context_dim
-        assert context.shape == (2, 77, width) and torch.isfinite(context).all()
+        assert context.shape == (2, 77, cfg.unet.context_dim)
         x = torch.randn(2, 4, 16, 16, generator=gen)
         t = torch.tensor([999, 1])
-        c_concat = torch.randn(2, 5, 16, 16, generator=gen) if cfg.conditioning_key == "hybrid" else None
-        out = model.apply_model(x, t, context, c_concat)
-        assert out.shape == x.shape
+        c_concat = torch.randn(2, 5, 16, 16, generator=gen) if hybrid else None
+        cond = {"c_crossattn": [context[:, :40], context[:, 40:]], "c_concat": [c_concat] if hybrid else None}
+        out = model.apply_model(x, t, cond)
+        unet_in = torch.cat([x, c_concat], dim=1) if hybrid else x
+        assert torch.equal(out, model.unet(unet_in, t, context))
+        assert torch.equal(out, model.apply_model(x, t, context, c_concat=c_concat))  # the keyword form
         # unit-scale weights keep activations O(1): neither vanishing nor exploding (loose by design)
         assert 0.05 < out.std().item() < 20, out.std()
+        for changed in ({"c_crossattn": [context.flip(0)]}, {"t": torch.tensor([500, 2])},
+                        {"c_concat": [c_concat.flip(0)]} if hybrid else {}):
+            if changed:
+                args = {"c_crossattn": [context], "c_concat": [c_concat] if hybrid else None, "t": t, **changed}
+                other = model.apply_model(x, args.pop("t"), args)
+                assert (other - out).abs().max() > 1e-3, changed
+        with pytest.raises(ValueError, match="needs c_concat" if hybrid else "conditioning_key is 'crossattn'"):
+            model.apply_model(x, t, context, c_concat=None if hybrid else torch.zeros(2, 5, 16, 16))
         images = torch.rand(1, 3, 32, 32, generator=gen) * 2 - 1
         z = model.vae.encode(images).mode()
         assert z.shape == (1, 4, 16, 16)  # f = 2 (ch_mult [1, 2])
@@ -217,14 +228,17 @@ def test_original_cond_forms_and_first_stage_helpers():
     x, mask, masked = (torch.randn(2, c, 8, 8, generator=gen) for c in (4, 1, 4))
     context, t = torch.randn(2, 77, model.config.unet.context_dim, generator=gen), torch.tensor([5, 700])
     with torch.no_grad():
-        expected = model.apply_model(x, t, context, torch.cat([mask, masked], dim=1))
+        expected = model.apply_model(x, t, context, c_concat=torch.cat([mask, masked], dim=1))
         as_dict = model.apply_model(x, t, {"c_concat": [mask, masked], "c_crossattn": [context]})
-        with pytest.raises(ValueError, match="c_crossattn and c_concat only"):
-            model.apply_model(x, t, {"c_crossattn": [context], "y": [t]})
+        as_sgm = model.apply_model(x, t, {"concat": torch.cat([mask, masked], dim=1), "crossattn": context})
+        with pytest.raises(ValueError, match="unknown conditioning 'c_adm'"):
+            model.apply_model(x, t, {"c_crossattn": [context], "c_adm": [t]})
+        with pytest.raises(ValueError, match="given twice"):
+            model.apply_model(x, t, {"c_crossattn": [context], "crossattn": context})
         z = torch.randn(1, 4, 8, 8, generator=gen)
         decoded = model.decode_first_stage(z)
         posterior = model.encode_first_stage(decoded)
-    assert torch.equal(as_dict, expected)
+    assert torch.equal(as_dict, expected) and torch.equal(as_sgm, expected)
     assert torch.equal(decoded, model.vae.decode(1.0 / model.scale_factor * z))
     assert torch.equal(model.get_first_stage_encoding(posterior, torch.Generator().manual_seed(3)),
                        model.scale_factor * posterior.sample(torch.Generator().manual_seed(3)))

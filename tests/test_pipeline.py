@@ -23,7 +23,7 @@ from safetensors import safe_open
 import ldm
 from ldm import cli, pipeline
 from make_fixtures_pipeline import CASES, CKPT_SEED, MODELS, state_digest
-from tiny_models import make_tiny_checkpoint, tiny_config_path
+from tiny_models import make_tiny_checkpoint, tiny_config_path, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -157,8 +157,8 @@ class _HalfOverflowVAE(torch.nn.Module):
 
 
 def test_decode_retries_half_precision_nan_in_float32():
-    model = torch.nn.Module()
-    model.vae = _HalfOverflowVAE().to(torch.bfloat16)
+    model = tiny_model(tiny_config_path("tiny-v1"))
+    model.first_stage_model = _HalfOverflowVAE().to(torch.bfloat16)
     model.scale_factor = 0.5
     latents = torch.ones(1, 4, 2, 2)
     images = pipeline.decode(model, latents)

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from ldm.samplers import compvis, k, noise, unipc
-from ldm.samplers.dpm_solver import sample_dpm_solver
 from make_fixtures_samplers import MU, S, gaussian_denoiser
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "samplers_parity.pt"
@@ -39,7 +38,7 @@ ORDERS = {  # name: (sampler, expected order, step counts)
     "heun": (k.sample_heun, 2, (16, 32, 64)),
     "dpm2": (k.sample_dpm_2, 2, (16, 32, 64)),
     "dpmpp_2m": (k.sample_dpmpp_2m, 2, (16, 32, 64)),
-    "dpm_solver": (sample_dpm_solver, 2, (16, 32, 64)),
+    "dpm_solver": (lambda d, x, s: k.sample_dpmpp_2m(d, x, s, lower_order_final=True), 2, (16, 32, 64)),
     # Adams-Bashforth with constant (uniform-step) coefficients on a non-uniform grid: second order
     "plms": (compvis.sample_plms, 2, (16, 32, 64)),
     # UniPC-p (predictor order p + corrector UniC) is of order p + 1 (Zhao et al. 2023, Thm 3.3); measured
@@ -149,15 +148,17 @@ def test_ddpm_equals_ddim_eta1_and_euler_ancestral(final):
         torch.testing.assert_close(other, runs[0], rtol=1e-12, atol=1e-12)
 
 
-def test_dpm_solver_is_dpmpp_2m_without_lower_order_final():
-    """Stability's DPM-Solver++(2M) and k-diffusion's dpmpp_2m are the same update; with >= 15 steps and a
-    final 0 (both then take a first-order last step) they agree."""
+def test_lower_order_final_acts_only_on_short_runs_ending_above_zero():
+    """The original --dpm_solver is dpmpp_2m with lower_order_final: with >= 15 steps, or a final 0 (both then
+    take a first-order last step anyway), it changes nothing; on a short run ending above 0 it does."""
     sigmas = torch.cat([geometric(16, 14.6, 0.03), torch.zeros(1, dtype=torch.float64)])
     x = torch.linspace(-5, 5, 11, dtype=torch.float64)[:, None]
-    torch.testing.assert_close(sample_dpm_solver(gaussian_denoiser, x, sigmas),
-                               k.sample_dpmpp_2m(gaussian_denoiser, x, sigmas), rtol=1e-12, atol=1e-12)
+    for run in (sigmas, sigmas[-6:], sigmas[:-1]):  # 16 steps to 0; 5 steps to 0; 15 steps to 0.03
+        torch.testing.assert_close(k.sample_dpmpp_2m(gaussian_denoiser, x, run, lower_order_final=True),
+                                   k.sample_dpmpp_2m(gaussian_denoiser, x, run), rtol=0, atol=0)
     short = sigmas[-6:-1]  # 4 steps to 0.03 > 0: the original's final step is first order, dpmpp_2m's not
-    difference = sample_dpm_solver(gaussian_denoiser, x, short) - k.sample_dpmpp_2m(gaussian_denoiser, x, short)
+    difference = (k.sample_dpmpp_2m(gaussian_denoiser, x, short, lower_order_final=True)
+                  - k.sample_dpmpp_2m(gaussian_denoiser, x, short))
     assert difference.abs().max() > 1e-4
 
 

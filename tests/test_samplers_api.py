@@ -16,15 +16,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Recorder:
-    """unet_fn that records its inputs and returns a fixed affine function of them."""
+    """A model_fn (as model.apply_model) that records its inputs and returns a fixed affine function of them."""
 
     def __init__(self):
         self.calls = []
 
-    def __call__(self, x, t, context):
-        self.calls.append((x.clone(), t.clone(), context))
-        x = x[:, :4]  # the UNet's output has the latent channels, also with c_concat appended
-        bias = 0 if context is None else context.mean(dim=(1, 2))[:, None, None, None]  # per sample
+    def __call__(self, x, t, cond=None, **extra):
+        self.calls.append((x.clone(), t.clone(), cond, extra))
+        bias = 0 if cond is None else cond.mean(dim=(1, 2))[:, None, None, None]  # per sample
         return 0.5 * x + 0.01 * t[:, None, None, None] + bias
 
 
@@ -94,7 +93,7 @@ def test_denoiser_scalings(parameterization):
     out = d(x, sigma, cond=torch.full((2, 1, 3), 2.0))
     s = sigma[:, None, None, None].double()
     c_in = 1 / (s**2 + 1).sqrt()
-    unet_in, t, _ = d.unet_fn.calls[0]
+    unet_in, t, _, _ = d.model_fn.calls[0]
     torch.testing.assert_close(unet_in.double(), x.double() * c_in)
     model_out = 0.5 * unet_in.double() + 0.01 * t.double()[:, None, None, None] + 2.0  # context mean 2
     expected = x - s * model_out if parameterization == "eps" else x / (s**2 + 1) - s * c_in * model_out
@@ -108,24 +107,23 @@ def test_denoiser_timesteps_fractional_quantized_and_log_alpha():
     for kwargs, expected in [({}, [500.0, 10.25]), ({"quantize": True}, [500.0, 10.0])]:
         d = denoiser(**kwargs)
         d(x_T(), sigma)
-        torch.testing.assert_close(d.unet_fn.calls[0][1], torch.tensor(expected), rtol=0, atol=1e-5)
+        torch.testing.assert_close(d.model_fn.calls[0][1], torch.tensor(expected), rtol=0, atol=1e-5)
     d = denoiser(interpolation="log_alpha")
     d(x_T(), sigma)
-    t = d.unet_fn.calls[0][1]
+    t = d.model_fn.calls[0][1]
     # log alpha is not linear in log sigma between timesteps; near t = 0 (sigma ~ 0.03) it shows: 10.2417
     assert t[0] == 500 and 10.23 < t[1] < 10.245
     assert d.replace(quantize=True).quantize and not d.quantize  # replace copies, never mutates
 
 
-def test_denoiser_concatenates_c_concat_after_scaling():
-    """Inpainting ("hybrid"): the UNet input is [x * c_in, c_concat] along channels, c_concat unscaled."""
-    d = denoiser()
-    x, c_concat = x_T(), torch.full((2, 5, 3, 3), 3.0)
-    d(x, torch.tensor([2.0, 2.0]), c_concat=c_concat)
-    unet_in = d.unet_fn.calls[0][0]
-    assert unet_in.shape == (2, 9, 3, 3)
-    torch.testing.assert_close(unet_in[:, :4], x / math.sqrt(5))
-    assert torch.equal(unet_in[:, 4:], c_concat)
+def test_denoiser_passes_conditioning_through_untouched():
+    """The denoiser scales x only; the conditioning (a dict, here with an extra entry) and any other keyword
+    argument reach the model as given, for apply_model to route (ldm/models/latent_diffusion.py)."""
+    cond = {"c_crossattn": [torch.ones(2, 1, 3)], "c_concat": [torch.full((2, 5, 3, 3), 3.0)]}
+    calls = []
+    d = Denoiser(lambda x, t, c=None, **extra: calls.append((c, extra)) or x, ALPHAS_CUMPROD)
+    d(x_T(), torch.tensor([2.0, 2.0]), cond, y=torch.zeros(2, 6))
+    assert calls[0][0] is cond and set(calls[0][1]) == {"y"}
 
 
 def test_cfg_is_one_batched_call_uncond_first():
@@ -133,25 +131,54 @@ def test_cfg_is_one_batched_call_uncond_first():
     cond, uncond = torch.full((2, 1, 3), 1.0), torch.full((2, 1, 3), -1.0)
     calls = []
 
-    def inner(x, sigma, cond=None, c_concat=None):
-        calls.append((x.shape[0], cond, c_concat))
-        return d(x, sigma, cond=cond, c_concat=c_concat)
+    def inner(x, sigma, cond=None, **extra):
+        calls.append((x.shape[0], cond, extra))
+        return d(x, sigma, cond=cond, **extra)
     cfg = CFGDenoiser(inner, 7.5, cond=cond, uncond=uncond)
     x, sigma = x_T(), torch.tensor([1.0, 3.0])
-    c_concat = torch.zeros(2, 5, 3, 3)
-    out = cfg(x, sigma, c_concat=c_concat)
+    shared = torch.zeros(2, 5, 3, 3)
+    out = cfg(x, sigma, shared=shared)
     assert len(calls) == 1 and calls[0][0] == 4
     assert torch.equal(calls[0][1], torch.cat([uncond, cond]))  # [uncond, cond], as ddim.py
-    assert calls[0][2].shape[0] == 4  # shared extra arguments doubled
-    out_uncond, out_cond = d(x, sigma, cond=uncond, c_concat=c_concat), d(x, sigma, cond=cond, c_concat=c_concat)
+    assert calls[0][2]["shared"].shape[0] == 4  # shared extra arguments doubled
+    out_uncond, out_cond = d(x, sigma, cond=uncond), d(x, sigma, cond=cond)
     torch.testing.assert_close(out, out_uncond + 7.5 * (out_cond - out_uncond))
     # per-call conditioning wins over the bound one; scale 1 runs the conditional branch alone
     other = torch.full((2, 1, 3), 4.0)
-    torch.testing.assert_close(cfg(x, sigma, cond=other, uncond=uncond, c_concat=c_concat),
-                               out_uncond + 7.5 * (d(x, sigma, cond=other, c_concat=c_concat) - out_uncond))
+    torch.testing.assert_close(cfg(x, sigma, cond=other, uncond=uncond),
+                               out_uncond + 7.5 * (d(x, sigma, cond=other) - out_uncond))
     calls.clear()
     torch.testing.assert_close(CFGDenoiser(inner, 1.0, cond=cond, uncond=uncond)(x, sigma), d(x, sigma, cond=cond))
     assert len(calls) == 1 and calls[0][0] == 2
+
+
+def test_cfg_runs_unpairable_conditionings_as_two_calls():
+    """Conditionings of different shapes (A1111 chunks: 77 vs 154 tokens) or structure (a ControlNet on one
+    branch only), or batched=False: two calls, cond first, the same guidance."""
+    d = denoiser()
+    calls = []
+
+    def inner(x, sigma, cond=None):
+        calls.append(cond)
+        c = cond["c"] if isinstance(cond, dict) else cond
+        return d(x, sigma, cond=c)
+    x, sigma = x_T(), torch.tensor([1.0, 3.0])
+    cond, uncond = torch.full((2, 2, 3), 1.0), torch.full((2, 1, 3), -1.0)  # 2 tokens vs 1
+    out = CFGDenoiser(inner, 3.0, cond=cond, uncond=uncond)(x, sigma)
+    assert [c.shape[1] for c in calls] == [2, 1]
+    expected = d(x, sigma, cond=uncond) + 3.0 * (d(x, sigma, cond=cond) - d(x, sigma, cond=uncond))
+    torch.testing.assert_close(out, expected)
+    calls.clear()
+    CFGDenoiser(inner, 3.0, cond={"c": cond, "control": 1}, uncond={"c": uncond})(x, sigma)
+    assert len(calls) == 2 and "control" in calls[0]
+    calls.clear()
+    same = torch.full((2, 2, 3), -1.0)
+    separate = CFGDenoiser(inner, 3.0, cond=cond, uncond=same, batched=False)(x, sigma)
+    assert len(calls) == 2
+    calls.clear()
+    batched = CFGDenoiser(inner, 3.0, cond=cond, uncond=same)(x, sigma)
+    assert len(calls) == 1
+    torch.testing.assert_close(separate, batched)  # float rounding of the batch size at most
 
 
 # -- sample(): starts, img2img, randomness ---------------------------------------------------------------
@@ -168,7 +195,7 @@ def test_start_scaling(sampler):
     """k-family: x_T * sigmas[0]; the originals' family: the VP x_T at their first timestep."""
     seen = first_x(sampler, steps=10)
     x, sigma = seen[0]
-    expected = x_T() * (sigma if not samplers.SAMPLERS[sampler].original else (1 + sigma**2).sqrt())
+    expected = x_T() * (sigma if samplers.SAMPLERS[sampler].start == "sigma" else (1 + sigma**2).sqrt())
     torch.testing.assert_close(x, expected)
     assert len(seen) == 10
 
@@ -177,7 +204,7 @@ def test_original_family_returns_vp_latents():
     """With eps = 0 the original DDIM keeps pred_x0 = x_T / sqrt(a_T) and lands on sqrt(a_0) * pred_x0:
     the result comes back in VP space at alphas_cumprod[0], not in our internal VE space."""
     zero = denoiser()
-    zero.unet_fn = lambda x, t, c: torch.zeros_like(x)
+    zero.model_fn = lambda x, t, c: torch.zeros_like(x)
     out = samplers.sample(zero, x_T(), sampler="ddim", steps=10, disable=True)
     a = ALPHAS_CUMPROD.double()
     torch.testing.assert_close(out.double(), x_T().double() * (a[0] / a[901]).sqrt(), rtol=1e-6, atol=1e-6)
@@ -242,3 +269,32 @@ def test_registry_names():
     assert set(samplers.SAMPLERS) == {"ddpm", "ddim", "plms", "dpm_solver", "unipc", "euler", "euler_a", "heun",
                                       "dpm2", "dpm2_a", "lms", "dpmpp_2s_a", "dpmpp_2m", "dpmpp_sde",
                                       "dpmpp_2m_sde", "dpmpp_3m_sde"}
+
+
+def test_sampler_options_are_checked():
+    with pytest.raises(ValueError, match="no option s_churn; its options: none"):
+        samplers.sample(denoiser(), x_T(), sampler="euler_a", steps=4, options={"s_churn": 1.0}, disable=True)
+    with pytest.raises(ValueError, match="no option solver"):
+        samplers.sample(denoiser(), x_T(), sampler="euler", steps=4, options={"solver_type": "heun"}, disable=True)
+    with pytest.raises(ValueError, match="solver_type must be"):
+        samplers.sample(denoiser(), x_T(), sampler="dpmpp_2m_sde", steps=4, options={"solver_type": "rk4"},
+                        generator=torch.Generator(), disable=True)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "dpm2"])
+def test_churn_off_draws_nothing_on_draws_at_every_step(sampler):
+    """As k-diffusion 0.1.1: with churn on, eps is drawn at every step (also where s_tmin/s_tmax make gamma 0),
+    so the generator has advanced by one draw per step; off, the sampler is deterministic and draws nothing
+    (the next batch of a run sees the same generator state as before churn existed)."""
+    spec = samplers.SAMPLERS[sampler]
+    assert not spec.is_stochastic() and spec.is_stochastic({"s_churn": 1.0})
+    g = torch.Generator().manual_seed(4)
+    before = g.get_state()
+    samplers.sample(denoiser(), x_T(), sampler=sampler, steps=5, schedule="karras", generator=g, disable=True)
+    assert torch.equal(g.get_state(), before)
+    samplers.sample(denoiser(), x_T(), sampler=sampler, steps=5, schedule="karras", generator=g, disable=True,
+                    options={"s_churn": 1.0, "s_tmin": 1.0, "s_tmax": 5.0})
+    reference = torch.Generator().manual_seed(4)
+    for _ in range(5):
+        torch.randn(x_T().shape, generator=reference)
+    assert torch.equal(g.get_state(), reference.get_state())

@@ -166,10 +166,12 @@ class SpatialTransformer(nn.Module):
     """
 
     def __init__(self, in_channels: int, n_heads: int, d_head: int, depth: int = 1,
-                 context_dim: int | None = None, use_linear: bool = False, disable_self_attn: bool = False,
-                 use_checkpoint: bool = False):
+                 context_dim: int | list[int] | None = None, use_linear: bool = False,
+                 disable_self_attn: bool = False, use_checkpoint: bool = False):
         super().__init__()
         inner_dim = n_heads * d_head
+        # one context width per block (sgm attention.py takes a list; an int serves every block)
+        context_dims = context_dim if isinstance(context_dim, list) else [context_dim] * depth
         self.use_linear = use_linear
         self.norm = nn.GroupNorm(32, in_channels, eps=1e-6)
         if use_linear:
@@ -180,8 +182,8 @@ class SpatialTransformer(nn.Module):
             self.proj_in = nn.Conv2d(in_channels, inner_dim, kernel_size=1)
             self.proj_out = nn.Conv2d(inner_dim, in_channels, kernel_size=1)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner_dim, n_heads, d_head, context_dim, disable_self_attn, use_checkpoint)
-            for _ in range(depth))
+            BasicTransformerBlock(inner_dim, n_heads, d_head, context_dims[d], disable_self_attn, use_checkpoint)
+            for d in range(depth))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         b, c, h, w = x.shape

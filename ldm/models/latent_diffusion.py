@@ -9,6 +9,7 @@ need (model_ema.*, the schedule buffers, text-encoder extras), which the loader 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -37,6 +38,42 @@ def schedule_alphas_cumprod(cfg: LatentDiffusionConfig) -> torch.Tensor:
         return alphas_cumprod_from_betas(betas).to(torch.float32)
 
 
+# The one vocabulary of conditioning (the keys of ddpm.py's `cond` dicts, plus `y` and `control`), and sgm's
+# names for the same inputs (GeneralConditioner outputs, OpenAIWrapper): every model's apply_model reads these.
+COND_KEYS = ("c_crossattn", "c_concat", "y", "control")
+SGM_NAMES = {"crossattn": "c_crossattn", "concat": "c_concat", "vector": "y"}
+
+
+def conditioning(cond=None, **more) -> dict:
+    """A conditioning in canonical form {c_crossattn, c_concat, y, control} (absent entries left out).
+
+    Accepts what the original apply_model accepts: a tensor or a list of tensors (the cross-attention
+    context) or a dict; sgm's key names (crossattn, concat, vector) are read as ours. List entries of
+    c_crossattn and c_concat are concatenated along dim 1 (tokens, channels), as ddpm.py DiffusionWrapper;
+    `control` is a list of residuals and stays one.
+    """
+    if cond is None:
+        cond = {}
+    elif isinstance(cond, (torch.Tensor, list, tuple)):
+        cond = {"c_crossattn": cond}
+    elif not isinstance(cond, Mapping):
+        raise TypeError(f"conditioning must be a tensor, a list of tensors or a dict, got {type(cond).__name__}")
+    out = {}
+    for key, value in [*cond.items(), *more.items()]:
+        name = SGM_NAMES.get(key, key)
+        if name not in COND_KEYS:
+            raise ValueError(f"unknown conditioning {key!r}; valid: {', '.join(COND_KEYS)} "
+                             f"(or sgm's {', '.join(SGM_NAMES)})")
+        if value is None:
+            continue
+        if name in out:
+            raise ValueError(f"conditioning {name!r} given twice")
+        if name in ("c_crossattn", "c_concat") and isinstance(value, (list, tuple)):
+            value = torch.cat(list(value), dim=1)
+        out[name] = value
+    return out
+
+
 class DiffusionWrapper(nn.Module):
     """Holds the UNet as `diffusion_model` and routes conditioning to it (ddpm.py DiffusionWrapper)."""
 
@@ -45,16 +82,17 @@ class DiffusionWrapper(nn.Module):
         self.diffusion_model = unet
         self.conditioning_key = conditioning_key
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                c_concat: torch.Tensor | None = None) -> torch.Tensor:
-        if self.conditioning_key == "hybrid":
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c_concat: torch.Tensor | None = None,
+                c_crossattn: torch.Tensor | None = None, y: torch.Tensor | None = None,
+                control: list[torch.Tensor] | None = None) -> torch.Tensor:
+        if self.conditioning_key == "hybrid" and c_concat is None:
+            raise ValueError("conditioning_key 'hybrid' needs c_concat (mask and masked-image latent)")
+        if self.conditioning_key == "crossattn" and c_concat is not None:
+            raise ValueError("c_concat given, but conditioning_key is 'crossattn'")
+        if c_concat is not None:
             # inpainting: latent, then the extra channels (mask, masked-image latent) along dim 1
-            if c_concat is None:
-                raise ValueError("conditioning_key 'hybrid' needs c_concat (mask and masked-image latent)")
-            x = torch.cat([x, c_concat], dim=1)
-        elif c_concat is not None:
-            raise ValueError(f"c_concat given, but conditioning_key is {self.conditioning_key!r}")
-        return self.diffusion_model(x, t, context)
+            x = torch.cat([x, c_concat.to(x)], dim=1)
+        return self.diffusion_model(x, t, c_crossattn, y=y, control=control)
 
 
 class LatentDiffusion(nn.Module):
@@ -85,9 +123,18 @@ class LatentDiffusion(nn.Module):
     def vae(self) -> nn.Module:
         return self.first_stage_model
 
+    def networks(self) -> dict[str, nn.Module]:
+        """The separately run networks by role (text encoder, UNet, VAE): what fast paths and offloading
+        act on, so they never spell out attribute paths."""
+        return {"text": self.cond_stage_model, "unet": self.model.diffusion_model, "vae": self.first_stage_model}
+
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         """(B, 77, D) cross-attention context for a list of prompts."""
         return self.cond_stage_model.encode(prompts)
+
+    def conditioning(self, prompts: list[str]) -> dict:
+        """The conditioning dict of a batch of prompts, as apply_model takes it."""
+        return {"c_crossattn": [self.encode_text(prompts)]}
 
     # The original LatentDiffusion's own names for the same steps (ddpm.py), so code written against it runs.
     def get_learned_conditioning(self, prompts: list[str]) -> torch.Tensor:
@@ -97,33 +144,27 @@ class LatentDiffusion(nn.Module):
         return self.first_stage_model.encode(x)
 
     def get_first_stage_encoding(self, posterior, generator: torch.Generator | None = None) -> torch.Tensor:
-        """scale_factor * a posterior sample (a plain tensor is taken as the latent itself, as the original)."""
+        """scale_factor * a posterior sample (a plain tensor is taken as the latent itself, as the original).
+        The one place where the latent scale meets the VAE posterior."""
         z = posterior if isinstance(posterior, torch.Tensor) else posterior.sample(generator)
         return self.scale_factor * z
 
-    def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
-        # 1 / scale_factor * z as ddpm.py: z / scale_factor rounds differently in ~1/3 of the elements
-        return self.first_stage_model.decode(1.0 / self.scale_factor * z)
+    def decode_first_stage(self, z: torch.Tensor, vae: nn.Module | None = None) -> torch.Tensor:
+        """Sampler latents -> images in [-1, 1], not clamped (`vae`: decode with another copy of the
+        autoencoder, e.g. a float32 one after a half-precision overflow). 1 / scale_factor * z as ddpm.py
+        decode_first_stage: z / scale_factor rounds differently (measured on 10^6 standard normal float32
+        values: 22% of them differ in the last bit for scale_factor 0.18215)."""
+        return (vae or self.first_stage_model).decode(1.0 / self.scale_factor * z)
 
-    def apply_model(self, x: torch.Tensor, t: torch.Tensor, context, c_concat: torch.Tensor | None = None
-                    ) -> torch.Tensor:
-        """UNet output (eps or v) for latent `x` at timesteps `t`; `c_concat` only for inpainting.
+    def apply_model(self, x: torch.Tensor, t: torch.Tensor, cond=None, **more) -> torch.Tensor:
+        """UNet output (eps or v) for latent `x` at timesteps `t` under `cond`: THE route from a conditioning
+        to the UNet, used by sampling (ldm/denoisers.py), training and the pipeline.
 
-        `context` may also be given as the original ddpm.py apply_model takes `cond`: a list of tensors, or
-        a dict {"c_crossattn": [...], "c_concat": [...]} (the inpainting samplers' form); list entries are
-        concatenated along dim 1, as DiffusionWrapper does.
+        cond: a dict with c_crossattn (context), c_concat (inpainting channels), y (class / vector), control
+        (ControlNet residuals), or what the original ddpm.py apply_model takes (see `conditioning`); keyword
+        arguments add entries (apply_model(x, t, context, c_concat=...)).
         """
-        if isinstance(context, dict):
-            unknown = set(context) - {"c_crossattn", "c_concat"}
-            if unknown or c_concat is not None:
-                raise ValueError(f"cond dict takes c_crossattn and c_concat only, got {sorted(context)}"
-                                 + (" and c_concat" if c_concat is not None else ""))
-            context, c_concat = context.get("c_crossattn"), context.get("c_concat")
-        if isinstance(context, (list, tuple)):
-            context = torch.cat(list(context), dim=1)
-        if isinstance(c_concat, (list, tuple)):
-            c_concat = torch.cat(list(c_concat), dim=1)
-        return self.model(x, t, context, c_concat)
+        return self.model(x, t, **conditioning(cond, **more))
 
 
 class _SkipRandomInitOnMeta(TorchFunctionMode):

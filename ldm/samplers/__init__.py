@@ -1,5 +1,6 @@
 """Samplers: stateless functions `sample_NAME(denoiser, x, sigmas, *, extra_args, callback, generator, ...)`
-over a VE denoiser, plus the registry SAMPLERS and the one entry point `sample(...)` the pipeline uses.
+over a VE denoiser, plus the registry SAMPLERS (each sampler's conventions as data) and the one entry point
+`sample(...)` the pipeline uses.
 
 Notation (all samplers, VE space as k-diffusion; the originals' VP quantities in brackets)
   alphas_cumprod  a_n, n = 0..N-1, the model's discrete schedule          [ddpm.py register_schedule]
@@ -10,14 +11,15 @@ Notation (all samplers, VE space as k-diffusion; the originals' VP quantities in
   denoised        D(x, sigma), the estimate of x_0                      [pred_x0]
   eps             (x - denoised) / sigma, the noise estimate             [e_t]
   d               dx/dsigma = eps, the probability-flow ODE derivative  (Karras et al. 2022, eq. 4)
-  lambda, h       lambda = -log sigma (half log-SNR), h = lambda_next - lambda   [DPM-Solver]
+  lam, h          lam = lambda = -log sigma (half log-SNR), h = lam_next - lam   [DPM-Solver]
   sigma_up/down   ancestral split of a step: down deterministically, then noise of std sigma_up
   eta             amount of fresh noise (DDIM's eta; the ancestral/SDE samplers use eta = 1)
 
-Where runs start (`sample`): the originals' family (ddpm, ddim, plms, dpm_solver, unipc) starts from the VP
-x_T at their first timestep, i.e. x = x_T * sqrt(1 + sigmas[0]^2), and their runs end at sigma > 0
-(alphas_cumprod[0]); the result is converted back to VP, the latent the originals decode. The k-family
-starts from x_T * sigmas[0] and ends at sigma = 0, where VE = VP.
+A run (`sample`): the registry entry names the sigma grid (schedules.GRIDS), how x_T enters ("start"), how
+img2img noises the init latent ("encode") and the UNet timestep mapping ("timing"). The originals' family
+(ddpm, ddim, plms, dpm_solver, unipc) starts from the VP x_T at their first timestep, x = x_T * sqrt(1 +
+sigmas[0]^2), and ends at sigma > 0 (alphas_cumprod[0]); the k-family starts from x_T * sigmas[0] and ends at
+sigma = 0, where VE = VP. Either way the result is converted back to VP, the latent the originals decode.
 """
 
 from __future__ import annotations
@@ -28,97 +30,133 @@ from dataclasses import dataclass, field
 import torch
 
 from ldm import schedules
+from ldm.noise import randn_like
 from ldm.samplers.compvis import sample_ddim, sample_ddpm, sample_plms
-from ldm.samplers.dpm_solver import sample_dpm_solver
-from ldm.samplers.k import (sample_dpm_2, sample_dpm_2_ancestral, sample_dpmpp_2m, sample_dpmpp_2m_sde,
+from ldm.samplers.k import (CHURN, sample_dpm_2, sample_dpm_2_ancestral, sample_dpmpp_2m, sample_dpmpp_2m_sde,
                             sample_dpmpp_2s_ancestral, sample_dpmpp_3m_sde, sample_dpmpp_sde, sample_euler,
                             sample_euler_ancestral, sample_heun, sample_lms)
-from ldm.samplers.noise import randn_like
 from ldm.samplers.unipc import sample_unipc
 
-ORIGINAL_SCHEDULES = ("uniform", "quad")  # DDIM discretizations; for dpm_solver/unipc: time_uniform/quadratic
+STARTS = ("sigma", "vp")  # x = x_T * sigmas[0] (k-diffusion) | x_T * sqrt(1 + sigmas[0]^2) (VP x_T)
+ENCODINGS = ("ve", "vp", "ddim")  # img2img noising; see `_encode`
 
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """fn: the sampler; grid: "ddim" | "ddpm" | "dpm_solver" (the originals' grids) or "k" (sigma lists of
-    schedules.K_SCHEDULES); stochastic: whether fn draws noise (takes `generator`); timing: Denoiser options
-    that make the UNet see the original's timesteps (integers for the CompVis samplers, DPM-Solver's
-    continuous time for dpm_solver/unipc; the k-family keeps the denoiser's own, fractional by default)."""
+    """A sampler and its conventions.
+
+    fn: the sampler function. grid: a schedules.GRIDS name (its schedules are the valid --schedule values).
+    start / encode: how x_T enters and how img2img noises the init latent (STARTS, ENCODINGS).
+    timing: Denoiser options that make the UNet see the original's timesteps (quantize: the CompVis samplers'
+    integer timesteps; log_alpha: DPM-Solver's continuous time; the k-family keeps the fractional default).
+    fixed: keyword arguments always passed to fn. options: keyword options a caller may set, with their
+    defaults. stochastic: draws noise with the default options; `noise_option` names the option that, set
+    non-zero, makes a deterministic sampler draw noise (ddim's eta, euler's churn)."""
+
     fn: Callable
     grid: str
+    start: str
+    encode: str
     stochastic: bool = False
     timing: dict = field(default_factory=dict)
+    fixed: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
+    noise_option: str | None = None
+
+    def __post_init__(self):
+        if self.grid not in schedules.GRIDS or self.start not in STARTS or self.encode not in ENCODINGS:
+            raise ValueError(f"bad sampler spec: grid {self.grid!r}, start {self.start!r}, encode {self.encode!r}")
 
     @property
     def valid_schedules(self) -> tuple[str, ...]:
-        return schedules.K_SCHEDULES if self.grid == "k" else ORIGINAL_SCHEDULES
+        return schedules.GRIDS[self.grid].schedules
 
     @property
-    def original(self) -> bool:
-        return self.grid != "k"
+    def takes_generator(self) -> bool:
+        return self.stochastic or self.noise_option is not None
+
+    def is_stochastic(self, options: dict | None = None) -> bool:
+        """Whether a run with these options draws noise (does not converge to the ODE solution)."""
+        return self.stochastic or bool(self.noise_option and (options or {}).get(self.noise_option))
 
 
 _INTEGER = {"quantize": True}
 _CONTINUOUS = {"quantize": False, "interpolation": "log_alpha"}
+_ORIGINAL = dict(start="vp", encode="vp", timing=_INTEGER)
+_K = dict(grid="k", start="sigma", encode="ve")
 SAMPLERS: dict[str, SamplerSpec] = {
-    "ddpm": SamplerSpec(sample_ddpm, "ddpm", True, _INTEGER),
-    "ddim": SamplerSpec(sample_ddim, "ddim", True, _INTEGER),
-    "plms": SamplerSpec(sample_plms, "ddim", False, _INTEGER),
-    "dpm_solver": SamplerSpec(sample_dpm_solver, "dpm_solver", False, _CONTINUOUS),
-    "unipc": SamplerSpec(sample_unipc, "dpm_solver", False, _CONTINUOUS),
-    "euler": SamplerSpec(sample_euler, "k"),
-    "euler_a": SamplerSpec(sample_euler_ancestral, "k", True),
-    "heun": SamplerSpec(sample_heun, "k"),
-    "dpm2": SamplerSpec(sample_dpm_2, "k"),
-    "dpm2_a": SamplerSpec(sample_dpm_2_ancestral, "k", True),
-    "lms": SamplerSpec(sample_lms, "k"),
-    "dpmpp_2s_a": SamplerSpec(sample_dpmpp_2s_ancestral, "k", True),
-    "dpmpp_2m": SamplerSpec(sample_dpmpp_2m, "k"),
-    "dpmpp_sde": SamplerSpec(sample_dpmpp_sde, "k", True),
-    "dpmpp_2m_sde": SamplerSpec(sample_dpmpp_2m_sde, "k", True),
-    "dpmpp_3m_sde": SamplerSpec(sample_dpmpp_3m_sde, "k", True),
+    "ddpm": SamplerSpec(sample_ddpm, "ddpm", stochastic=True, **_ORIGINAL),
+    "ddim": SamplerSpec(sample_ddim, "ddim", **{**_ORIGINAL, "encode": "ddim"}, options={"eta": 0.0},
+                        noise_option="eta"),
+    "plms": SamplerSpec(sample_plms, "ddim", **{**_ORIGINAL, "encode": "ddim"}),
+    # the original --dpm_solver: Stability's DPMSolverSampler, DPM-Solver++(2M) with lower_order_final
+    "dpm_solver": SamplerSpec(sample_dpmpp_2m, "dpm_solver", start="vp", encode="vp", timing=_CONTINUOUS,
+                              fixed={"lower_order_final": True}),
+    "unipc": SamplerSpec(sample_unipc, "dpm_solver", start="vp", encode="vp", timing=_CONTINUOUS),
+    "euler": SamplerSpec(sample_euler, **_K, options=dict(CHURN), noise_option="s_churn"),
+    "euler_a": SamplerSpec(sample_euler_ancestral, **_K, stochastic=True),
+    "heun": SamplerSpec(sample_heun, **_K, options=dict(CHURN), noise_option="s_churn"),
+    "dpm2": SamplerSpec(sample_dpm_2, **_K, options=dict(CHURN), noise_option="s_churn"),
+    "dpm2_a": SamplerSpec(sample_dpm_2_ancestral, **_K, stochastic=True),
+    "lms": SamplerSpec(sample_lms, **_K),
+    "dpmpp_2s_a": SamplerSpec(sample_dpmpp_2s_ancestral, **_K, stochastic=True),
+    "dpmpp_2m": SamplerSpec(sample_dpmpp_2m, **_K),
+    "dpmpp_sde": SamplerSpec(sample_dpmpp_sde, **_K, stochastic=True),
+    "dpmpp_2m_sde": SamplerSpec(sample_dpmpp_2m_sde, **_K, stochastic=True, options={"solver_type": "midpoint"}),
+    "dpmpp_3m_sde": SamplerSpec(sample_dpmpp_3m_sde, **_K, stochastic=True),
 }
+
+
+def get(sampler: str) -> SamplerSpec:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+    return SAMPLERS[sampler]
 
 
 def sigma_list(spec: SamplerSpec, sigmas: torch.Tensor, steps: int, schedule: str) -> torch.Tensor:
     """The full sigma list of a run of `steps` over the discrete `sigmas`."""
-    if schedule not in spec.valid_schedules:
-        raise ValueError(f"unknown schedule {schedule!r} for this sampler; valid: {', '.join(spec.valid_schedules)}")
-    if spec.grid == "ddim":
-        return schedules.ddim_sigma_list(sigmas, steps, schedule)
-    if spec.grid == "ddpm":
-        return schedules.ddpm_sigma_list(sigmas, steps, schedule)
-    if spec.grid == "dpm_solver":
-        skip_type = "time_uniform" if schedule == "uniform" else "time_quadratic"
-        return schedules.dpm_solver_sigma_list(sigmas, steps, skip_type)
-    return schedules.k_sigma_list(sigmas, steps, schedule)
+    return schedules.sigma_list(spec.grid, sigmas, steps, schedule)
 
 
-def _start(spec, sigmas, x_T, init_latent, strength, steps, generator):
-    """(x in VE space, the sigma list to run). img2img runs the last t_enc = int(strength * steps) steps.
-    On the DDIM grid (ddim, plms) as CompVis scripts/img2img.py: stochastic_encode at DDIM index t_enc,
-    i.e. VP noising to the level just ABOVE the first decoded step, then decode; every other sampler
-    noises to the first level it runs from (k-diffusion's x = init + noise * sigma)."""
-    if init_latent is None:
-        if strength is not None:
-            raise ValueError("strength is given without an init_latent")
-        return x_T * (sigmas[0] if not spec.original else (1 + sigmas[0] ** 2).sqrt()), sigmas
+def resolve_options(spec: SamplerSpec, sampler: str, eta: float = 0.0, options: dict | None = None) -> dict:
+    """The keyword arguments for spec.fn: its fixed ones and the caller's options (`eta` is DDIM's eta, kept
+    as its own argument for the command line's --ddim_eta); unknown options are an error."""
+    options = dict(options or {})
+    if eta:
+        if "eta" not in spec.options:
+            raise ValueError(f"eta applies to ddim only, got eta={eta} for {sampler}")
+        options["eta"] = eta
+    unknown = set(options) - set(spec.options)
+    if unknown:
+        valid = ", ".join(spec.options) or "none"
+        raise ValueError(f"sampler {sampler} has no option {', '.join(sorted(unknown))}; its options: {valid}")
+    return {**spec.fixed, **options}
+
+
+def _encode(spec, sigmas, x_T, init_latent, strength, steps, generator):
+    """(x in VE space, the sigma list to run) of img2img, which runs the last t_enc = int(strength * steps)
+    steps. encode "ddim": as CompVis scripts/img2img.py, stochastic_encode at DDIM index t_enc, i.e. VP
+    noising to the level just ABOVE the first decoded step, then decode; "vp": VP noising to the first level
+    run; "ve": k-diffusion's x = init + noise * sigma."""
     if strength is None or not 0.0 <= strength <= 1.0:
         raise ValueError(f"img2img needs a strength in [0, 1], got {strength}")
     noise = randn_like(init_latent, generator) if x_T is None else x_T
     t_enc = int(strength * steps)
     tail = sigmas[len(sigmas) - 1 - min(t_enc, len(sigmas) - 1):]
-    if not spec.original:
+    if spec.encode == "ve":
         return init_latent + noise * tail[0], tail
     sigma_enc = tail[0]
-    if spec.grid == "ddim":
+    if spec.encode == "ddim":
         # ddim_alphas[t_enc]; strength 1 on a grid of exactly `steps` levels has none above (the original's
         # IndexError) and is noised to the top level instead
         sigma_enc = sigmas[max(len(sigmas) - 2 - t_enc, 0)]
     a_enc = 1 / (1 + sigma_enc**2)
     x_vp = a_enc.sqrt() * init_latent + (1 - a_enc).sqrt() * noise
     return x_vp * (1 + tail[0] ** 2).sqrt(), tail
+
+
+def _start(spec, sigmas, x_T):
+    return x_T * (sigmas[0] if spec.start == "sigma" else (1 + sigmas[0] ** 2).sqrt())
 
 
 def _progress(callback, total, disable):
@@ -137,33 +175,34 @@ def _progress(callback, total, disable):
 
 @torch.no_grad()
 def sample(denoiser, x_T: torch.Tensor | None, *, sampler: str = "ddim", steps: int = 50,
-           schedule: str = "uniform", eta: float = 0.0, generator: torch.Generator | None = None,
-           init_latent: torch.Tensor | None = None, strength: float | None = None,
-           callback: Callable | None = None, disable: bool = False, extra_args: dict | None = None,
-           ) -> torch.Tensor:
+           schedule: str = "uniform", eta: float = 0.0, options: dict | None = None,
+           generator: torch.Generator | None = None, init_latent: torch.Tensor | None = None,
+           strength: float | None = None, callback: Callable | None = None, disable: bool = False,
+           extra_args: dict | None = None) -> torch.Tensor:
     """Run `sampler` for `steps` and return the VP latent the original would decode.
 
-    denoiser: a Denoiser / CFGDenoiser (needs .sigmas and .replace); extra_args go to it (cond, uncond,
-    c_concat). x_T: N(0, I) of the latent shape; for img2img (init_latent + strength) it is the
-    forward-noising noise, drawn from `generator` if None. callback(info) once per step with k-diffusion's
-    dict (x, i, sigma, sigma_hat, denoised); disable turns the progress bar off.
-    schedule: "uniform" | "quad" for the originals' family (DDIM discretization; dpm_solver/unipc: time
-    uniform / quadratic), "uniform" | "karras" | "exponential" for the k-family. eta: DDIM's eta, for ddim
-    only (plms rejects eta != 0 as the original; the ancestral and SDE k-samplers always use eta 1).
+    denoiser: a Denoiser / CFGDenoiser (needs .sigmas and .replace); extra_args go to it (cond, uncond, ...).
+    x_T: N(0, I) of the latent shape; for img2img (init_latent + strength) it is the forward-noising noise,
+    drawn from `generator` if None. callback(info) once per step with k-diffusion's dict (x, i, sigma,
+    sigma_hat, denoised); disable turns the progress bar off. schedule: one of the sampler's grid's
+    (SAMPLERS[name].valid_schedules). eta: DDIM's eta (ddim only); options: the sampler's other options
+    (SamplerSpec.options: churn for euler/heun/dpm2, solver_type for dpmpp_2m_sde).
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
-    spec = SAMPLERS[sampler]
-    if eta and sampler != "ddim":
-        raise ValueError(f"eta applies to ddim only, got eta={eta} for {sampler}")
+    spec = get(sampler)
+    kwargs = resolve_options(spec, sampler, eta, options)
     if x_T is None and init_latent is None:
         raise ValueError("x_T is needed unless init_latent is given")
     full = sigma_list(spec, denoiser.sigmas, steps, schedule)
     denoiser = denoiser.replace(**spec.timing) if spec.timing else denoiser
     reference = init_latent if init_latent is not None else x_T
-    x, sigmas = _start(spec, full.to(reference.device), x_T, init_latent, strength, steps, generator)
-    kwargs = {"eta": eta} if sampler == "ddim" else {}
-    if spec.stochastic:
+    full = full.to(reference.device)
+    if init_latent is None:
+        if strength is not None:
+            raise ValueError("strength is given without an init_latent")
+        x, sigmas = _start(spec, full, x_T), full
+    else:
+        x, sigmas = _encode(spec, full, x_T, init_latent, strength, steps, generator)
+    if spec.takes_generator:
         kwargs["generator"] = generator
     step_callback, bar = _progress(callback, len(sigmas) - 1, disable)
     try:

@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from ldm.samplers.noise import randn_like
-
-
-def _step_info(x, i, sigma, denoised):
-    return {"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised}
+from ldm.noise import randn_like
+from ldm.samplers.common import step_info
 
 
 @torch.no_grad()
@@ -41,7 +38,7 @@ def sample_ddpm(denoiser, x, sigmas, *, extra_args=None, callback=None, generato
         if clip_denoised:
             denoised = denoised.clamp(-1.0, 1.0)
         if callback is not None:
-            callback(_step_info(x, i, sigma, denoised))
+            callback(step_info(x, i, sigma, denoised))
         r = sigma_next**2 / sigma**2
         x = r * x + (1 - r) * denoised
         if sigma_next > 0:  # no noise on the last step to x_0, as p_sample's nonzero_mask
@@ -60,7 +57,7 @@ def sample_ddim(denoiser, x, sigmas, *, extra_args=None, callback=None, generato
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, sigma * s_in, **extra_args)
         if callback is not None:
-            callback(_step_info(x, i, sigma, denoised))
+            callback(step_info(x, i, sigma, denoised))
         eps = (x - denoised) / sigma
         sigma_up = eta * sigma_next * (1 - sigma_next**2 / sigma**2).clamp(min=0).sqrt()
         sigma_down = (sigma_next**2 - sigma_up**2).sqrt()
@@ -84,7 +81,7 @@ def sample_plms(denoiser, x, sigmas, *, extra_args=None, callback=None):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, sigma * s_in, **extra_args)
         if callback is not None:
-            callback(_step_info(x, i, sigma, denoised))
+            callback(step_info(x, i, sigma, denoised))
         eps = (x - denoised) / sigma
         if not old_eps:
             x_next = x + (sigma_next - sigma) * eps

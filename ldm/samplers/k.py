@@ -1,8 +1,9 @@
 """The k-diffusion samplers (k-diffusion 0.1.1 sampling.py, Karras et al. 2022 notation), default options.
 
 All integrate the probability-flow ODE dx/dsigma = d = (x - denoised) / sigma or its SDE variants on a VE
-sigma list ending in 0. Churn (s_churn, s_tmin, s_tmax, s_noise) is left out: its defaults switch it off.
-The ancestral samplers step deterministically down to sigma_down, then add noise of std sigma_up
+sigma list ending in 0 (notation: ldm/samplers/__init__.py; lambda = -log sigma is `lam`). Churn (s_churn,
+s_tmin, s_tmax, s_noise of euler, heun, dpm_2; Karras et al. 2022, Algorithm 2) is off by default. The
+ancestral samplers step deterministically down to sigma_down, then add noise of std sigma_up
 (get_ancestral_step, eta 1). Noise comes from `generator` through a noise sampler (sigma, sigma_next) ->
 N(0, I); the SDE samplers default to BrownianNoise, equal in law to k-diffusion's Brownian tree.
 """
@@ -11,12 +12,12 @@ from __future__ import annotations
 
 import torch
 
+from ldm.noise import randn_like
+from ldm.samplers.common import step_info as _info
+from ldm.samplers.common import to_d
 from ldm.samplers.noise import BrownianNoise, default_noise_sampler
 
-
-def to_d(x, sigma, denoised):
-    """The ODE derivative dx/dsigma = (x - denoised) / sigma (Karras et al. 2022, eq. 4 with s = 1)."""
-    return (x - denoised) / sigma
+CHURN = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0}  # off
 
 
 def get_ancestral_step(sigma, sigma_next, eta=1.0):
@@ -29,20 +30,33 @@ def get_ancestral_step(sigma, sigma_next, eta=1.0):
     return sigma_down, sigma_up
 
 
-def _info(x, i, sigma, denoised):
-    return {"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised}
+def _churn(x, sigmas, i, generator, s_churn, s_tmin, s_tmax, s_noise):
+    """(x, sigma_hat): Karras et al. 2022 Algorithm 2 lines 4-6, raise the noise level of step i by a factor
+    1 + gamma with fresh noise. As k-diffusion 0.1.1, once churn is on the noise is drawn at EVERY step (also
+    where gamma is 0 outside [s_tmin, s_tmax]), so the draws line up with its; with s_churn 0 nothing is drawn
+    and sigma_hat is sigmas[i] exactly."""
+    if not s_churn:
+        return x, sigmas[i]
+    gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.0
+    eps = randn_like(x, generator) * s_noise
+    sigma_hat = sigmas[i] * (gamma + 1)
+    if gamma > 0:
+        x = x + eps * (sigma_hat**2 - sigmas[i] ** 2) ** 0.5
+    return x, sigma_hat
 
 
 @torch.no_grad()
-def sample_euler(denoiser, x, sigmas, *, extra_args=None, callback=None):
-    """Euler steps (Karras et al. 2022, Algorithm 2 without churn and without the Heun correction)."""
+def sample_euler(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None, **churn):
+    """Euler steps (Karras et al. 2022, Algorithm 2 without the Heun correction); churn off by default."""
     extra_args = {} if extra_args is None else extra_args
+    churn = {**CHURN, **churn}
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
-        denoised = denoiser(x, sigmas[i] * s_in, **extra_args)
+        x, sigma_hat = _churn(x, sigmas, i, generator, **churn)
+        denoised = denoiser(x, sigma_hat * s_in, **extra_args)
         if callback is not None:
-            callback(_info(x, i, sigmas[i], denoised))
-        x = x + to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
+            callback(_info(x, i, sigmas[i], denoised, sigma_hat))
+        x = x + to_d(x, sigma_hat, denoised) * (sigmas[i + 1] - sigma_hat)
     return x
 
 
@@ -65,16 +79,18 @@ def sample_euler_ancestral(denoiser, x, sigmas, *, extra_args=None, callback=Non
 
 
 @torch.no_grad()
-def sample_heun(denoiser, x, sigmas, *, extra_args=None, callback=None):
-    """Heun's second-order method (Karras et al. 2022, Algorithm 1); Euler on the final step to 0."""
+def sample_heun(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None, **churn):
+    """Heun's second-order method (Karras et al. 2022, Algorithm 2); Euler on the final step to 0."""
     extra_args = {} if extra_args is None else extra_args
+    churn = {**CHURN, **churn}
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
-        denoised = denoiser(x, sigmas[i] * s_in, **extra_args)
+        x, sigma_hat = _churn(x, sigmas, i, generator, **churn)
+        denoised = denoiser(x, sigma_hat * s_in, **extra_args)
         if callback is not None:
-            callback(_info(x, i, sigmas[i], denoised))
-        d = to_d(x, sigmas[i], denoised)
-        dt = sigmas[i + 1] - sigmas[i]
+            callback(_info(x, i, sigmas[i], denoised, sigma_hat))
+        d = to_d(x, sigma_hat, denoised)
+        dt = sigmas[i + 1] - sigma_hat
         if sigmas[i + 1] == 0:
             x = x + d * dt
         else:
@@ -93,19 +109,22 @@ def _dpm2_step(denoiser, x, sigma, sigma_to, d, s_in, extra_args):
 
 
 @torch.no_grad()
-def sample_dpm_2(denoiser, x, sigmas, *, extra_args=None, callback=None):
-    """Midpoint steps in log sigma ("inspired by DPM-Solver-2"); Euler on the final step to 0."""
+def sample_dpm_2(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None, **churn):
+    """Midpoint steps in log sigma ("inspired by DPM-Solver-2"); Euler on the final step to 0; churn off by
+    default."""
     extra_args = {} if extra_args is None else extra_args
+    churn = {**CHURN, **churn}
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
-        denoised = denoiser(x, sigmas[i] * s_in, **extra_args)
+        x, sigma_hat = _churn(x, sigmas, i, generator, **churn)
+        denoised = denoiser(x, sigma_hat * s_in, **extra_args)
         if callback is not None:
-            callback(_info(x, i, sigmas[i], denoised))
-        d = to_d(x, sigmas[i], denoised)
+            callback(_info(x, i, sigmas[i], denoised, sigma_hat))
+        d = to_d(x, sigma_hat, denoised)
         if sigmas[i + 1] == 0:
-            x = x + d * (sigmas[i + 1] - sigmas[i])
+            x = x + d * (sigmas[i + 1] - sigma_hat)
         else:
-            x = _dpm2_step(denoiser, x, sigmas[i], sigmas[i + 1], d, s_in, extra_args)
+            x = _dpm2_step(denoiser, x, sigma_hat, sigmas[i + 1], d, s_in, extra_args)
     return x
 
 
@@ -170,7 +189,7 @@ def sample_lms(denoiser, x, sigmas, *, extra_args=None, callback=None, order=4):
 def sample_dpmpp_2s_ancestral(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None,
                               eta=1.0, noise_sampler=None):
     """DPM-Solver++(2S) (Lu et al. 2022) single-step midpoint steps to sigma_down, then noise sigma_up.
-    In lambda = -log sigma: x_mid = (sigma_mid / sigma) x - expm1(-h/2) denoised, then
+    In lam = -log sigma: x_mid = (sigma_mid / sigma) x - expm1(-h/2) denoised, then
     x = (sigma_down / sigma) x - expm1(-h) denoised(x_mid)."""
     extra_args = {} if extra_args is None else extra_args
     noise_sampler = default_noise_sampler(x, generator) if noise_sampler is None else noise_sampler
@@ -183,12 +202,12 @@ def sample_dpmpp_2s_ancestral(denoiser, x, sigmas, *, extra_args=None, callback=
         if sigma_down == 0:
             x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
         else:
-            t, t_next = -sigmas[i].log(), -sigma_down.log()
-            h = t_next - t
-            s = t + h / 2
-            x_2 = ((-s).exp() / (-t).exp()) * x - (-h / 2).expm1() * denoised
-            denoised_2 = denoiser(x_2, (-s).exp() * s_in, **extra_args)
-            x = ((-t_next).exp() / (-t).exp()) * x - (-h).expm1() * denoised_2
+            lam, lam_next = -sigmas[i].log(), -sigma_down.log()
+            h = lam_next - lam
+            lam_mid = lam + h / 2
+            x_2 = ((-lam_mid).exp() / (-lam).exp()) * x - (-h / 2).expm1() * denoised
+            denoised_2 = denoiser(x_2, (-lam_mid).exp() * s_in, **extra_args)
+            x = ((-lam_next).exp() / (-lam).exp()) * x - (-h).expm1() * denoised_2
         if sigmas[i + 1] > 0:
             x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * sigma_up
     return x
@@ -198,12 +217,12 @@ def sample_dpmpp_2s_ancestral(denoiser, x, sigmas, *, extra_args=None, callback=
 def sample_dpmpp_sde(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None, eta=1.0,
                      noise_sampler=None, r=0.5):
     """DPM-Solver++ (stochastic): two stochastic exponential-integrator stages per step, the second using
-    the denoised estimate at lambda + r h. Its two noises of a step overlap ([sigma, sigma_mid] and
+    the denoised estimate at lam + r h. Its two noises of a step overlap ([sigma, sigma_mid] and
     [sigma, sigma_next]) and must be correlated as increments of one Brownian motion: BrownianNoise."""
     extra_args = {} if extra_args is None else extra_args
     noise_sampler = BrownianNoise(x, generator) if noise_sampler is None else noise_sampler
     s_in = x.new_ones([x.shape[0]])
-    sigma_fn, t_fn = (lambda t: t.neg().exp()), (lambda sigma: sigma.log().neg())
+    sigma_of, lam_of = (lambda lam: lam.neg().exp()), (lambda sigma: sigma.log().neg())
     for i in range(len(sigmas) - 1):
         denoised = denoiser(x, sigmas[i] * s_in, **extra_args)
         if callback is not None:
@@ -211,51 +230,58 @@ def sample_dpmpp_sde(denoiser, x, sigmas, *, extra_args=None, callback=None, gen
         if sigmas[i + 1] == 0:
             x = x + to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
             continue
-        t, t_next = t_fn(sigmas[i]), t_fn(sigmas[i + 1])
-        s = t + (t_next - t) * r
-        # stage 1: ancestral exponential step to lambda = s
-        sd, su = get_ancestral_step(sigma_fn(t), sigma_fn(s), eta)
-        s_ = t_fn(sd)
-        x_2 = (sigma_fn(s_) / sigma_fn(t)) * x - (t - s_).expm1() * denoised
-        x_2 = x_2 + noise_sampler(sigma_fn(t), sigma_fn(s)) * su
-        denoised_2 = denoiser(x_2, sigma_fn(s) * s_in, **extra_args)
-        # stage 2: ancestral exponential step to lambda = t_next with the mixed estimate
-        sd, su = get_ancestral_step(sigma_fn(t), sigma_fn(t_next), eta)
-        t_next_ = t_fn(sd)
+        lam, lam_next = lam_of(sigmas[i]), lam_of(sigmas[i + 1])
+        lam_mid = lam + (lam_next - lam) * r
+        # stage 1: ancestral exponential step to lam_mid
+        sd, su = get_ancestral_step(sigma_of(lam), sigma_of(lam_mid), eta)
+        lam_down = lam_of(sd)
+        x_2 = (sigma_of(lam_down) / sigma_of(lam)) * x - (lam - lam_down).expm1() * denoised
+        x_2 = x_2 + noise_sampler(sigma_of(lam), sigma_of(lam_mid)) * su
+        denoised_2 = denoiser(x_2, sigma_of(lam_mid) * s_in, **extra_args)
+        # stage 2: ancestral exponential step to lam_next with the mixed estimate
+        sd, su = get_ancestral_step(sigma_of(lam), sigma_of(lam_next), eta)
+        lam_down = lam_of(sd)
         denoised_d = (1 - 1 / (2 * r)) * denoised + 1 / (2 * r) * denoised_2
-        x = (sigma_fn(t_next_) / sigma_fn(t)) * x - (t - t_next_).expm1() * denoised_d
-        x = x + noise_sampler(sigma_fn(t), sigma_fn(t_next)) * su
+        x = (sigma_of(lam_down) / sigma_of(lam)) * x - (lam - lam_down).expm1() * denoised_d
+        x = x + noise_sampler(sigma_of(lam), sigma_of(lam_next)) * su
     return x
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(denoiser, x, sigmas, *, extra_args=None, callback=None):
-    """DPM-Solver++(2M): multistep, the previous denoised estimate gives the second-order term; first
-    order on the first step and on the final step to 0."""
+def sample_dpmpp_2m(denoiser, x, sigmas, *, extra_args=None, callback=None, lower_order_final=False):
+    """DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095): multistep, the previous denoised estimate gives the
+    second-order term; first order on the first step and on a final step to 0. `lower_order_final` (the
+    original `--dpm_solver`, Stability's DPMSolverSampler: multistep, order 2, lower_order_final=True) also
+    makes the last step first order when the run has fewer than 15 steps."""
     extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones([x.shape[0]])
+    n = len(sigmas) - 1
     denoised_prev = None
-    for i in range(len(sigmas) - 1):
+    for i in range(n):
         denoised = denoiser(x, sigmas[i] * s_in, **extra_args)
         if callback is not None:
             callback(_info(x, i, sigmas[i], denoised))
-        t, t_next = -sigmas[i].log(), -sigmas[i + 1].log()
-        h = t_next - t
-        if denoised_prev is None or sigmas[i + 1] == 0:
+        lam, lam_next = -sigmas[i].log(), -sigmas[i + 1].log()
+        h = lam_next - lam
+        if denoised_prev is None or sigmas[i + 1] == 0 or (lower_order_final and n < 15 and i == n - 1):
             denoised_d = denoised
         else:
-            r = (t - (-sigmas[i - 1].log())) / h
+            r = (lam - (-sigmas[i - 1].log())) / h
             denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * denoised_prev
-        x = ((-t_next).exp() / (-t).exp()) * x - (-h).expm1() * denoised_d
+        x = ((-lam_next).exp() / (-lam).exp()) * x - (-h).expm1() * denoised_d
         denoised_prev = denoised
     return x
 
 
 @torch.no_grad()
 def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None, eta=1.0,
-                        noise_sampler=None):
-    """DPM-Solver++(2M) SDE, midpoint variant: x = (sigma_next/sigma) e^{-eta h} x + (1 - e^{-(1+eta) h})
-    denoised + second-order term + sigma_next sqrt(1 - e^{-2 eta h}) z; the final step to 0 is x = denoised."""
+                        noise_sampler=None, solver_type="midpoint"):
+    """DPM-Solver++(2M) SDE: x = (sigma_next/sigma) e^{-eta h} x + (1 - e^{-(1+eta) h}) denoised + a second-order
+    term + sigma_next sqrt(1 - e^{-2 eta h}) z; the final step to 0 is x = denoised. The second-order term
+    of solver_type "midpoint" (the default) is (1 - e^{-(1+eta) h}) / (2 r) (D - D_prev); "heun"'s is
+    ((1 - e^{-(1+eta) h}) / ((1+eta) h) - 1) / r (D - D_prev), with the sign of k-diffusion's expression."""
+    if solver_type not in ("midpoint", "heun"):
+        raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
     extra_args = {} if extra_args is None else extra_args
     noise_sampler = BrownianNoise(x, generator) if noise_sampler is None else noise_sampler
     s_in = x.new_ones([x.shape[0]])
@@ -273,7 +299,10 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, extra_args=None, callback=None, 
             x = sigma_next / sigma * (-eta_h).exp() * x + (-h - eta_h).expm1().neg() * denoised
             if denoised_prev is not None:
                 r = h_prev / h
-                x = x + 0.5 * (-h - eta_h).expm1().neg() * (1 / r) * (denoised - denoised_prev)
+                if solver_type == "heun":
+                    x = x + ((-h - eta_h).expm1().neg() / (-h - eta_h) + 1) * (1 / r) * (denoised - denoised_prev)
+                else:
+                    x = x + 0.5 * (-h - eta_h).expm1().neg() * (1 / r) * (denoised - denoised_prev)
             if eta:
                 x = x + noise_sampler(sigma, sigma_next) * sigma_next * (-2 * eta_h).expm1().neg().sqrt()
         denoised_prev, h_prev = denoised, (h if sigma_next > 0 else None)

@@ -1,18 +1,14 @@
-"""Where the samplers' randomness comes from: a `torch.Generator` argument, never the global RNG.
+"""Noise samplers of the k-family: (sigma, sigma_next) -> N(0, I), drawn from a `torch.Generator`.
 
-Noise is drawn in float32 on the generator's device (a CPU generator by default, so a seed gives the same
-numbers on every device), then moved to x's device and dtype. With a generator seeded like the global RNG,
-`randn_like(x, generator)` returns what the originals' `torch.randn_like(x)` returns on the CPU.
+The draws themselves go through ldm/noise.py (float32 on the generator's device, then moved), the one home
+of the noise convention.
 """
 
 from __future__ import annotations
 
 import torch
 
-
-def randn_like(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    device = generator.device if generator is not None else torch.device("cpu")
-    return torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32).to(x)
+from ldm.noise import randn_like
 
 
 def default_noise_sampler(x: torch.Tensor, generator: torch.Generator | None = None):

@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from ldm.samplers.common import step_info
 
 def _rhos(rks: list[float], hh: float, order: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Coefficients of the predictor (length order-1) and the corrector (length order), in float64."""
@@ -48,7 +49,7 @@ def sample_unipc(denoiser, x, sigmas, *, extra_args=None, callback=None, order=3
     for step in range(1, n + 1):
         i = step - 1
         if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": history[-1]})
+            callback(step_info(x, i, sigmas[i], history[-1]))
         denoised = history[-1]
         if sigmas[step] == 0:
             x = denoised

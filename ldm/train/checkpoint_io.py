@@ -17,41 +17,21 @@ import os
 import re
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from ldm.schedules import make_beta_schedule
+from ldm.loader import EMA_PREFIX, ema_key
+from ldm.schedules import ddpm_buffers, make_beta_schedule
 from ldm.train.ema import LitEma
 
-EMA_PREFIX = "model_ema."
 CLIP_POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
 
 
 def schedule_buffers(cfg) -> dict[str, torch.Tensor]:
-    """The buffers ddpm.py DDPM.register_schedule stores (float64 math, stored float32), for the config's
-    beta schedule and v_posterior."""
+    """The 12 buffers ddpm.py DDPM.register_schedule stores, for the config's beta schedule and v_posterior
+    (float32, as the original saves them)."""
     betas = make_beta_schedule(cfg.timesteps, linear_start=cfg.linear_start, linear_end=cfg.linear_end,
-                               schedule=cfg.beta_schedule, cosine_s=cfg.cosine_s).numpy()
-    alphas_cumprod = np.cumprod(1.0 - betas)
-    prev = np.append(1.0, alphas_cumprod[:-1])
-    posterior_variance = ((1 - cfg.v_posterior) * betas * (1.0 - prev) / (1.0 - alphas_cumprod)
-                          + cfg.v_posterior * betas)
-    values = {
-        "betas": betas,
-        "alphas_cumprod": alphas_cumprod,
-        "alphas_cumprod_prev": prev,
-        "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
-        "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
-        "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),
-        "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
-        "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1),
-        "posterior_variance": posterior_variance,
-        # clipped because the posterior variance is 0 at the start of the chain
-        "posterior_log_variance_clipped": np.log(np.maximum(posterior_variance, 1e-20)),
-        "posterior_mean_coef1": betas * np.sqrt(prev) / (1.0 - alphas_cumprod),
-        "posterior_mean_coef2": (1.0 - prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod),
-    }
-    return {k: torch.tensor(v, dtype=torch.float32) for k, v in values.items()}
+                               schedule=cfg.beta_schedule, cosine_s=cfg.cosine_s)
+    return {k: v.to(torch.float32) for k, v in ddpm_buffers(betas, cfg.v_posterior).items()}
 
 
 def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -87,7 +67,7 @@ def pruned_state_dict(state: dict[str, torch.Tensor], dtype: torch.dtype | None 
             out[key] = value
     if ema:
         for key in [k for k in out if k.startswith("model.diffusion_model.")]:
-            shadow = EMA_PREFIX + key[len("model."):].replace(".", "")
+            shadow = ema_key(key)
             if shadow not in state:
                 raise KeyError(f"no EMA weight {shadow} for {key}")
             out[key] = state[shadow]

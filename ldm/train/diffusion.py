@@ -122,7 +122,7 @@ class DiffusionTrainer(Trainer):
             images, captions = self.data(n, generator)
             with torch.no_grad():
                 posterior = model.first_stage_model.encode(images.to(self.device))
-                return (model.scale_factor * posterior.sample(generator)).float(), captions
+                return model.get_first_stage_encoding(posterior, generator).float(), captions
         means, stds, pool_captions = self.pool
         index = torch.randint(0, means.shape[0], (n,), generator=generator)
         noise = torch.randn((n,) + means.shape[1:], generator=generator)
@@ -140,8 +140,7 @@ class DiffusionTrainer(Trainer):
         noise = noise.to(self.device)
         z_t = q_sample(z0, t, noise, model.alphas_cumprod)
         target = diffusion_target(z0, t, noise, model.alphas_cumprod, model.parameterization)
-        context = model.encode_text(captions)
-        prediction = model.apply_model(z_t, t, context)
+        prediction = model.apply_model(z_t, t, model.conditioning(captions))
         return F.mse_loss(prediction.float(), target), {}
 
     def after_step(self) -> None:

@@ -17,10 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def shadow_name(param_name: str) -> str:
-    """LitEma's buffer name: buffers may not contain dots, so they are removed."""
-    return param_name.replace(".", "")
+from ldm.loader import lit_ema_name
 
 
 class LitEma(nn.Module):
@@ -36,7 +33,7 @@ class LitEma(nn.Module):
         self.names = {}
         for name, param in module.named_parameters():
             if param.requires_grad:
-                self.names[name] = shadow_name(name)
+                self.names[name] = lit_ema_name(name)
                 self.register_buffer(self.names[name], param.detach().clone().float())
 
     def current_decay(self) -> float:
