@@ -6,7 +6,8 @@ unet_config, first_stage_config, cond_stage_config}}`. Field names are the origi
 names (openaimodel.UNetModel, diffusionmodules/model.py Encoder/Decoder, autoencoder.AutoencoderKL,
 encoders/modules.py, ddpm.DDPM/LatentDiffusion/LatentFinetuneDiffusion/LatentInpaintDiffusion), so a
 yaml that the original accepts parses here, and a misspelled key fails loudly instead of being eaten
-by `**ignore_kwargs`. `target:` strings only select a component type; nothing is imported from them.
+by `**ignore_kwargs` (the reading machinery: ldm/config_reader.py). `target:` strings only select a component
+type; nothing is imported from them.
 
 Two extensions (so tiny test models exist): `cond_stage_config.params.text_config` (transformers
 CLIPTextConfig field names) and `cond_stage_config.params.embed_dim` + `text_cfg` (open_clip
@@ -17,11 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from ldm.config_reader import ConfigError, build, convert, read_yaml
 
 LATENT_DIFFUSION = "ldm.models.diffusion.ddpm.LatentDiffusion"
 LATENT_INPAINT_DIFFUSION = "ldm.models.diffusion.ddpm.LatentInpaintDiffusion"
@@ -29,10 +30,6 @@ UNET_MODEL = "ldm.modules.diffusionmodules.openaimodel.UNetModel"
 AUTOENCODER_KL = "ldm.models.autoencoder.AutoencoderKL"
 FROZEN_CLIP_EMBEDDER = "ldm.modules.encoders.modules.FrozenCLIPEmbedder"
 FROZEN_OPENCLIP_EMBEDDER = "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder"
-
-
-class ConfigError(ValueError):
-    """A config file that cannot be read into the dataclasses below."""
 
 
 @dataclass(frozen=True)
@@ -238,56 +235,6 @@ _COMPONENTS = {  # yaml section -> (dataclass field, dataclass, accepted targets
 }
 
 
-def _convert(tp: Any, value: Any, where: str, src: str) -> Any:
-    """Check `value` against the annotation `tp`; lists become tuples, mappings become dataclasses."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _convert(arg, value, where, src)
-            except ConfigError as e:
-                errors.append(e)
-        raise errors[0]
-    if tp is Any:
-        return value
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where, src)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{src}: {where} must be a list, got {value!r}")
-        return tuple(_convert(args[0], v, f"{where}[{i}]", src) for i, v in enumerate(value))
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        str: isinstance(value, str),
-        dict: isinstance(value, Mapping),
-    }[tp]
-    if not ok:
-        raise ConfigError(f"{src}: {where} must be of type {tp.__name__}, got {value!r}")
-    return float(value) if tp is float else dict(value) if tp is dict else value
-
-
-def _build(cls: type, data: Any, where: str, src: str, **given: Any) -> Any:
-    """Build dataclass `cls` from a mapping; unknown and missing fields name the yaml path and the file."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{src}: {where} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.name not in given]
-    for key in data:
-        if key not in names:
-            raise ConfigError(f"{src}: unknown field {where}.{key!r} (expected one of: {', '.join(names)})")
-    for f in dataclasses.fields(cls):
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if required and f.name not in data and f.name not in given:
-            raise ConfigError(f"{src}: missing required field {where}.{f.name}")
-    kwargs = {k: _convert(hints[k], v, f"{where}.{k}", src) for k, v in data.items()}
-    return cls(**kwargs, **given)
-
-
 def _component(section: str, data: Any, where: str, src: str) -> Any:
     name, cls, targets = _COMPONENTS[section]
     if not isinstance(data, Mapping):
@@ -301,11 +248,11 @@ def _component(section: str, data: Any, where: str, src: str) -> Any:
     params = data.get("params") or {}
     if cls is TextEncoderConfig:
         return _text_encoder(params, target, f"{where}.params", src)
-    return _build(cls, params, f"{where}.params", src)
+    return build(cls, params, f"{where}.params", src)
 
 
 def _text_encoder(params: Any, target: str, where: str, src: str) -> TextEncoderConfig:
-    cfg = _build(TextEncoderConfig, params, where, src, target=target)
+    cfg = build(TextEncoderConfig, params, where, src, target=target)
     if cfg.is_openclip:
         wrong, layers = ("text_config", "layer_idx"), ("last", "penultimate")
         resolved = dict(embed_dim=cfg.embed_dim or 1024, text_cfg=cfg.text_cfg or OpenCLIPTextConfig())
@@ -354,8 +301,8 @@ def parse_config(data: Any, src: str = "<config>") -> LatentDiffusionConfig:
         for key in _INPAINT_ONLY:
             if key in params:
                 raise ConfigError(f"{src}: field model.params.{key} is only accepted by {LATENT_INPAINT_DIFFUSION}")
-    lr = _convert(float | None, model.get("base_learning_rate"), "model.base_learning_rate", src)
-    cfg = _build(LatentDiffusionConfig, params, "model.params", src, target=target, base_learning_rate=lr,
+    lr = convert(float | None, model.get("base_learning_rate"), "model.base_learning_rate", src)
+    cfg = build(LatentDiffusionConfig, params, "model.params", src, target=target, base_learning_rate=lr,
                  **components)
     _check_supported(cfg, src)
     return cfg
@@ -380,16 +327,4 @@ def _check_supported(cfg: LatentDiffusionConfig, src: str) -> None:
 
 def load_config(path: str | os.PathLike) -> LatentDiffusionConfig:
     """Read an original Stable Diffusion inference yaml (as omegaconf reads it, incl. `1e-4` floats)."""
-    from omegaconf import DictConfig, OmegaConf  # lazy: only needed for files
-
-    try:
-        conf = OmegaConf.load(os.fspath(path))
-        # resolve only `model` (against the whole file): interpolations in data/lightning do not concern us
-        if isinstance(conf, DictConfig) and "model" in conf:
-            data = {"model": OmegaConf.to_container(conf.model, resolve=True)}
-        else:
-            data = OmegaConf.to_container(conf, resolve=True)
-    except Exception as e:  # omegaconf/yaml syntax errors: name the file
-        # yaml's messages span lines (problem mark, context mark): keep ours on one
-        raise ConfigError(f"{os.fspath(path)}: cannot read yaml: {' '.join(str(e).split())}") from e
-    return parse_config(data, os.fspath(path))
+    return parse_config(read_yaml(path), os.fspath(path))

@@ -76,8 +76,8 @@ def lit_ema_name(name: str) -> str:
 
 
 def ema_key(unet_key: str) -> str:
-    """The checkpoint key of a UNet weight's EMA: model.diffusion_model.out.2.weight -> model_ema.diffusion_modelout2weight
-    (LitEma wraps `model`, the DiffusionWrapper, and is saved as `model_ema`)."""
+    """The checkpoint key of a UNet weight's EMA (LitEma wraps `model`, the DiffusionWrapper, and is saved as
+    `model_ema`): model.diffusion_model.out.2.weight -> model_ema.diffusion_modelout2weight."""
     return EMA_PREFIX + lit_ema_name(unet_key[len("model."):])
 
 

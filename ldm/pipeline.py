@@ -1,7 +1,7 @@
 """txt2img and img2img in library form: text -> conditioning -> noise -> sampler -> VAE decode.
 
 As scripts/txt2img.py and scripts/img2img.py of CompVis/stable-diffusion, without file handling (that is
-ldm/cli.py). Noise convention (README): every random number comes from one CPU `torch.Generator`, drawn in
+ldm/cli/). Noise convention (README): every random number comes from one CPU `torch.Generator`, drawn in
 float32 on the CPU and then moved to the model's device, so a seed gives the same image on any device.
 
 - txt2img: x_T = randn([n, C, H/f, W/f]) is drawn first, then the sampler draws its per-step noise (the

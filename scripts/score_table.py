@@ -25,8 +25,10 @@ SAMPLERS = ("ddim", "plms", "dpm_solver", "euler_a", "dpmpp_2m")
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default=str(ROOT / "configs/demo/shapes-v1.yaml"))
-    p.add_argument("--ckpt", default=str(ROOT / "checkpoints/demo/shapes-v1.safetensors"))
+    from ldm.demo import DEMO_CKPT, DEMO_CONFIG
+
+    p.add_argument("--config", default=str(DEMO_CONFIG))
+    p.add_argument("--ckpt", default=str(DEMO_CKPT))
     p.add_argument("--samplers", nargs="+", default=list(SAMPLERS))
     p.add_argument("--steps", nargs="+", type=int, default=[10, 25])
     p.add_argument("--n", type=int, default=40, help="prompts per split")

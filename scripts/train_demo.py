@@ -41,9 +41,9 @@ from ldm.train.checkpoint_io import export_pruned, write_config  # noqa: E402
 from ldm.train.diffusion import DiffusionTrainer, init_token_embeddings  # noqa: E402
 from ldm.train.loop import TrainOptions  # noqa: E402
 
-CONFIG = ROOT / "configs/demo/shapes-v1.yaml"
-SHIPPED = ROOT / "checkpoints/demo/shapes-v1.safetensors"
-REPORT = ROOT / "checkpoints/demo/train_report.json"
+from ldm.demo import DEMO_CKPT as SHIPPED  # noqa: E402
+from ldm.demo import DEMO_CONFIG as CONFIG  # noqa: E402
+from ldm.demo import DEMO_REPORT as REPORT  # noqa: E402
 
 
 def world_data(n: int, generator: torch.Generator):

@@ -2,7 +2,9 @@
 
 Run with the reference environment (none of these packages is a dependency of ldm):
 
-    .venv-ref/bin/python tests/make_fixtures_pipeline.py
+    .venv-ref/bin/python tests/make_fixtures_pipeline.py --compvis DIR --stability DIR
+
+with DIR a checkout of CompVis/stable-diffusion and of Stability-AI/stablediffusion.
 
 For the tiny v1, v2 and v2-v models (tests/configs/tiny-*.yaml, random checkpoints from
 tests/tiny_models.make_tiny_checkpoint, EMA weights as the original's ema_scope) this builds an INDEPENDENT
@@ -15,7 +17,7 @@ reference pipeline from reference parts and runs the original scripts' steps wit
   own converter of original checkpoints (single_file_utils.create_*_diffusers_config_from_ldm,
   convert_ldm_*_checkpoint; strict loading);
 - samplers: the ORIGINAL DDIM / PLMS classes (CompVis/stable-diffusion for v1, Stability-AI/stablediffusion
-  for v2, which adds v-prediction to DDIM), imported from /work/ref under the package name `ldm` while our
+  for v2, which adds v-prediction to DDIM), imported from those checkouts under the package name `ldm` while our
   own `ldm` is set aside; k-diffusion 0.1.1 (CompVisDenoiser / CompVisVDenoiser, get_sigmas,
   sample_euler_ancestral, sample_dpmpp_2m) for the k-family, with the usual CFG wrapper of its scripts.
   Stability's PLMS has no v-prediction branch (it would treat v as eps); for tiny-v2-v the PLMS reference
@@ -34,7 +36,6 @@ tensors (the test regenerates the checkpoint and checks that digest before compa
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import sys
 import types
@@ -47,7 +48,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-REF = Path("/work/ref")
+from originals import import_original  # noqa: E402
 FIXTURES = ROOT / "tests" / "fixtures"
 
 # Shared with tests/test_pipeline.py (which imports these constants).
@@ -101,21 +102,6 @@ def make_init_image(path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- originals
-def import_original(repo: Path, modules: list[str]) -> list[types.ModuleType]:
-    """Import `ldm.<module>` from an original repository while our own `ldm` is set aside."""
-    ours = {k: sys.modules.pop(k) for k in list(sys.modules) if k == "ldm" or k.startswith("ldm.")}
-    path = list(sys.path)
-    # the originals' `ldm` has no __init__.py: a regular `ldm` package anywhere on the path would win
-    sys.path[:] = [str(repo)] + [p for p in path if not (Path(p or ".") / "ldm" / "__init__.py").exists()]
-    try:
-        return [importlib.import_module(name) for name in modules]
-    finally:
-        sys.path[:] = path
-        for k in [k for k in sys.modules if k == "ldm" or k.startswith("ldm.")]:
-            sys.modules.pop(k)
-        sys.modules.update(ours)
-
-
 def import_k_diffusion():
     # k-diffusion 0.1.1 imports `clip`, which imports pkg_resources (gone from setuptools >= 81) only for
     # packaging.version; give it that much so k_diffusion.sampling / external import.
@@ -332,14 +318,21 @@ def versions() -> dict[str, str]:
     return {name: version(name) for name in names}
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    import argparse
+
     from safetensors.torch import save_file
 
-    from tests.tiny_models import tiny_config_path, tiny_state_dict
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--compvis", type=Path, required=True, help="checkout of CompVis/stable-diffusion")
+    p.add_argument("--stability", type=Path, required=True, help="checkout of Stability-AI/stablediffusion")
+    args = p.parse_args(argv)
+
+    from tiny_models import tiny_config_path, tiny_state_dict
 
     FIXTURES.mkdir(parents=True, exist_ok=True)
     make_init_image(INIT_IMAGE)
-    sources = {"compvis": REF / "CompVis+stable-diffusion", "stability": REF / "Stability-AI+stablediffusion"}
+    sources = {"compvis": args.compvis, "stability": args.stability}
     modules = ["ldm.modules.diffusionmodules.util", "ldm.models.diffusion.ddim", "ldm.models.diffusion.plms"]
     originals = {}
     for name, repo in sources.items():

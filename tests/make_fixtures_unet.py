@@ -2,7 +2,7 @@
 
 Run with the reference environment (diffusers is not a dependency of ldm):
 
-    .venv-ref/bin/python tests/make_fixtures_unet.py
+    .venv-ref/bin/python tests/make_fixtures_unet.py --stability DIR   (a checkout of Stability-AI/stablediffusion)
 
 Reference: diffusers' UNet2DConditionModel (version recorded in each file's metadata; generated with
 diffusers 0.42.1, torch 2.14.1), configured and loaded through diffusers' OWN converter of original
@@ -17,6 +17,11 @@ the decoded float32 values are what both diffusers and the test use. Inputs: lat
 timesteps, fractional timesteps, a context. Stored outputs: the diffusers UNet output for each timestep set.
 The key list comes from ldm's UNetModel built on the meta device; the converter must map every key
 one-to-one onto diffusers' parameters and diffusers must load them strictly, which cross-checks the layout.
+
+Structures diffusers' converter cannot express (per-level num_res_blocks, num_attention_blocks,
+disable_self_attentions) are referenced by the ORIGINAL code instead: Stability-AI/stablediffusion
+ldm/modules/diffusionmodules/openaimodel.py UNetModel, imported from the --stability checkout (its `ldm`
+package, with ours set aside) and loaded strictly with the same weights (metadata "reference").
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import diffusers  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
@@ -64,7 +69,16 @@ CASES = {
     "inpaint": dict(_COMMON, in_channels=9, num_res_blocks=2, attention_resolutions=[2], num_heads=2,
                     transformer_depth=1),
     "tiny_v2": "tests/configs/tiny-v2.yaml",
+    # three levels with one, two and one ResBlocks, attention at every level but only in the first ResBlock
+    # of each (num_attention_blocks), self-attention replaced by cross-attention at the middle level
+    # (disable_self_attentions), channel changes 32 -> 64 -> 64: only the original code builds this
+    "multilevel": dict(image_size=8, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=[1, 2, 1],
+                       channel_mult=[1, 2, 2], attention_resolutions=[1, 2, 4], num_attention_blocks=[1, 1, 1],
+                       disable_self_attentions=[False, True, False], num_head_channels=16,
+                       use_linear_in_transformer=True, transformer_depth=1, use_spatial_transformer=True,
+                       context_dim=24, use_checkpoint=False, legacy=False),
 }
+ORIGINAL_REFERENCE = ("multilevel",)  # cases referenced by the original openaimodel.py instead of diffusers
 BATCH, SIZE, CONTEXT_LEN = 2, 8, 5
 
 
@@ -137,27 +151,44 @@ def diffusers_unet(params: dict, checkpoint: dict[str, torch.Tensor]) -> UNet2DC
     return unet.eval()
 
 
-def make_case(name: str, params: dict, seed: int) -> None:
+def original_unet(params: dict, checkpoint: dict[str, torch.Tensor], stability: Path):
+    """Stability-AI/stablediffusion's own UNetModel with the checkpoint's weights (strict); its forward takes
+    (x, timesteps, context) as ours."""
+    from originals import import_original
+
+    (openaimodel,) = import_original(stability, ["ldm.modules.diffusionmodules.openaimodel"])
+    unet = openaimodel.UNetModel(**params)
+    unet.load_state_dict({k[len(PREFIX):]: v for k, v in checkpoint.items()}, strict=True)
+    return lambda x, t, context: unet.eval()(x, t, context=context)
+
+
+def make_case(name: str, params: dict, seed: int, stability: Path) -> None:
     keys = original_keys(params)
     codes, scales, offsets = random_weights(keys, seed)
     packed = pack_int4(codes)
     ckpt = decode_weights(packed, scales, offsets, keys)
-    unet = diffusers_unet(params, ckpt)
+    if name in ORIGINAL_REFERENCE:
+        run = original_unet(params, ckpt, stability)
+        reference = "Stability-AI/stablediffusion openaimodel.UNetModel (original code), float32 CPU"
+    else:
+        unet = diffusers_unet(params, ckpt)
+        run = lambda x, t, context: unet(x, t, encoder_hidden_states=context).sample  # noqa: E731
+        reference = ("diffusers UNet2DConditionModel via single_file_utils.convert_ldm_unet_checkpoint, "
+                     "AttnProcessor, float32 CPU")
     gen = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(BATCH, params["in_channels"], SIZE, SIZE, generator=gen)
     context = torch.randn(BATCH, CONTEXT_LEN, params["context_dim"], generator=gen)
     t_int = torch.tensor([999, 1], dtype=torch.int64)
     t_frac = torch.tensor([500.25, 37.5], dtype=torch.float32)
     with torch.no_grad():
-        out_int = unet(x, t_int, encoder_hidden_states=context).sample
-        out_frac = unet(x, t_frac, encoder_hidden_states=context).sample
+        out_int = run(x, t_int, context)
+        out_frac = run(x, t_frac, context)
     tensors = dict(weights_packed=packed, weights_scale=scales, weights_offset=offsets, x=x, context=context,
                    t_int=t_int, t_frac=t_frac, out_int=out_int, out_frac=out_frac)
     metadata = {
         "unet_params": json.dumps(params),
         "weights": json.dumps([[k, list(s)] for k, s in keys]),
-        "reference": "diffusers UNet2DConditionModel via single_file_utils.convert_ldm_unet_checkpoint, "
-                     "AttnProcessor, float32 CPU",
+        "reference": reference,
         "diffusers_version": diffusers.__version__,
         "torch_version": torch.__version__,
         "seed": str(seed),
@@ -168,12 +199,20 @@ def make_case(name: str, params: dict, seed: int) -> None:
           f"|out| max {out_int.abs().max():.3f} (t int) {out_frac.abs().max():.3f} (t frac)")
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--stability", type=Path, required=True, help="checkout of Stability-AI/stablediffusion")
+    p.add_argument("--cases", default=",".join(CASES), help="comma list of cases to (re)write")
+    args = p.parse_args(argv)
     FIXTURES.mkdir(parents=True, exist_ok=True)
     for seed, (name, params) in enumerate(CASES.items()):
+        if name not in args.cases.split(","):
+            continue
         if isinstance(params, str):
             params = yaml_unet_params(ROOT / params)
-        make_case(name, params, seed=1000 + seed)
+        make_case(name, params, seed=1000 + seed, stability=args.stability)
 
 
 if __name__ == "__main__":

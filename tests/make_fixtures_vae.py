@@ -2,7 +2,7 @@
 
 Run from the repository root with the reference environment:
 
-    .venv-ref/bin/python tests/make_fixtures_vae.py
+    .venv-ref/bin/python tests/make_fixtures_vae.py --compvis DIR      (DIR: a checkout of CompVis/stable-diffusion)
 
 Two independent references compute the outputs, both in float32 on CPU:
 
@@ -11,7 +11,7 @@ Two independent references compute the outputs, both in float32 on CPU:
   then load_state_dict(strict=True)). The converter only knows the attention in the middle block, so this
   reference uses `attn_resolutions: []` (as every released Stable Diffusion VAE).
 * the original CompVis code itself (ldm/modules/diffusionmodules/model.py Encoder/Decoder and
-  ldm/modules/distributions/distributions.py from /work/ref/CompVis+stable-diffusion, executed, not copied,
+  ldm/modules/distributions/distributions.py from the --compvis checkout, executed, not copied,
   with its two unused imports stubbed), once with `attn_resolutions: []` and once with attention at
   resolution 16, which diffusers cannot express. AutoencoderKL itself needs pytorch_lightning, so its two
   1x1 convs (quant_conv, post_quant_conv) are built here as its __init__ builds them.
@@ -41,7 +41,6 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "tests" / "fixtures" / "vae_tiny.safetensors"
-REF = Path("/work/ref/CompVis+stable-diffusion")
 ORIGINAL_FILES = ("ldm/modules/diffusionmodules/model.py", "ldm/modules/distributions/distributions.py")
 
 EMBED_DIM = 4
@@ -54,7 +53,7 @@ LATENT_SHAPE = (2, 4, 12, 16)
 WEIGHT_SEED, IMAGE_SEED, LATENT_SEED = 0, 1, 2
 
 
-def load_original():
+def load_original(ref: Path):
     """Import the two original files under private names, stubbing the imports that the VAE never uses."""
     stubs = {name: types.ModuleType(name) for name in ("ldm", "ldm.util", "ldm.modules", "ldm.modules.attention")}
     stubs["ldm.util"].instantiate_from_config = None  # used by model.py only for the unused `Model` classes
@@ -64,7 +63,7 @@ def load_original():
     try:
         modules = []
         for i, rel in enumerate(ORIGINAL_FILES):
-            spec = importlib.util.spec_from_file_location(f"_compvis_original_{i}", REF / rel)
+            spec = importlib.util.spec_from_file_location(f"_compvis_original_{i}", ref / rel)
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
             modules.append(module)
@@ -109,14 +108,19 @@ def dequantize(q, exponents, offsets):
     return {k: offsets[k] + q[k].to(torch.float32) * 2.0 ** -exponents[k] for k in q}
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    import argparse
+
     import diffusers
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
     from safetensors.torch import save_file
 
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--compvis", type=Path, required=True, help="checkout of CompVis/stable-diffusion")
+    ref = p.parse_args(argv).compvis
     torch.manual_seed(0)  # the original and diffusers modules draw an init that load_state_dict overwrites
-    model_py, distributions_py = load_original()
+    model_py, distributions_py = load_original(ref)
     original = build_original(model_py, DDCONFIG)
     original_attn = build_original(model_py, DDCONFIG_ATTN)
 
@@ -161,7 +165,7 @@ def main() -> None:
         "diffusers_version": diffusers.__version__,
         "torch_version": torch.__version__,
         "original": "CompVis/stable-diffusion " + ", ".join(
-            f"{rel} sha256 {hashlib.sha256((REF / rel).read_bytes()).hexdigest()}" for rel in ORIGINAL_FILES),
+            f"{rel} sha256 {hashlib.sha256((ref / rel).read_bytes()).hexdigest()}" for rel in ORIGINAL_FILES),
         "embed_dim": json.dumps(EMBED_DIM),
         "ddconfig": json.dumps(DDCONFIG),
         "ddconfig_attn": json.dumps(DDCONFIG_ATTN),

@@ -16,10 +16,11 @@ from safetensors import safe_open
 
 from ldm.config import AutoencoderConfig, DDConfig, load_config
 from ldm.models.autoencoder import AttnBlock, AutoencoderKL, DiagonalGaussianDistribution
+from manifests import load_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "vae_tiny.safetensors"
-MANIFESTS = Path(__file__).resolve().parents[2] / "shared" / "manifests"
+
 
 # float32 throughout. Our graph differs from the references only in op order: SDPA versus bmm + softmax in the
 # attention, F.silu versus x * sigmoid(x), fused versus separate bias adds. Each differs by ~1 ulp (6e-8
@@ -181,10 +182,7 @@ def test_unsupported_options_fail(option):
 
 @pytest.mark.parametrize("name", ["v1-inference", "v1-inpainting-inference", "v2-inference-v"])
 def test_full_size_keys_match_manifest(name):
-    manifest = MANIFESTS / f"{name}.keys.json"
-    if not manifest.exists():
-        pytest.skip(f"no key manifest {manifest} (shared manifests are not part of this checkout)")
-    expected = {k[len("first_stage_model."):]: tuple(v) for k, v in json.loads(manifest.read_text()).items()
+    expected = {k[len("first_stage_model."):]: v for k, v in load_manifest(name).items()
                 if k.startswith("first_stage_model.")}
     cfg = load_config(REPO / "configs" / "stable-diffusion" / f"{name}.yaml")
     with torch.device("meta"):

@@ -1,6 +1,7 @@
 """ldm.config: the original yaml files read into frozen dataclasses; unknown fields and targets fail loudly."""
 
 import dataclasses
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -13,12 +14,17 @@ from ldm.config import (
 ROOT = Path(__file__).resolve().parents[1]
 ORIGINAL = sorted((ROOT / "configs" / "stable-diffusion").glob("*.yaml"))
 TINY = sorted((ROOT / "tests" / "configs").glob("*.yaml"))
-# Where the originals were copied from (read-only reference trees; absent outside the dev machine).
-REFERENCE = {
-    "v1-inference.yaml": Path("/work/ref/CompVis+stable-diffusion/configs/stable-diffusion/v1-inference.yaml"),
-    "v2-inference.yaml": Path("/work/ref/Stability-AI+stablediffusion/configs/stable-diffusion/v2-inference.yaml"),
-    "v2-inference-v.yaml": Path(
-        "/work/ref/Stability-AI+stablediffusion/configs/stable-diffusion/v2-inference-v.yaml"),
+# The shipped configs are byte-for-byte copies of the originals. Recorded here: the sha256 of each original file as
+# the upstream repository has it (repository @ commit, path), computed from those trees when they were copied.
+ORIGINAL_SHA256 = {
+    "v1-inference.yaml": ("20b7f0acae54d1f88384a6ca15b5d62c0ee4fbbca07ff72f3761fe936083210d",
+                          "CompVis/stable-diffusion@21f890f9da3cfbeaba8e2ac3c425ee9e998d5229"),
+    "v1-inpainting-inference.yaml": ("baf37f7d667df422eb370712ed98eb2c590499752ae454568d72b293549253d7",
+                                     "runwayml/stable-diffusion@08ab4d326c96854026c4eb3454cd3b02109ee982"),
+    "v2-inference.yaml": ("ec4094bd36ef558cd9d52c9985471ac91d2c0c5bd071717411a4ccd5adf4f311",
+                          "Stability-AI/stablediffusion@cf1d67a6fd5ea1aa600c4df58e5b47da45f6bdbf"),
+    "v2-inference-v.yaml": ("72b092aadfe146f5d3f395a720c0aa3b2354b2095e3f10dc18f0e9716d286dcb",
+                            "Stability-AI/stablediffusion@cf1d67a6fd5ea1aa600c4df58e5b47da45f6bdbf"),
 }
 SECTION_FIELD = {"unet_config": "unet", "first_stage_config": "first_stage", "cond_stage_config": "cond_stage"}
 
@@ -64,11 +70,13 @@ def test_the_four_original_configs_are_shipped():
     assert [p.name for p in TINY] == ["tiny-v1-inpainting.yaml", "tiny-v1.yaml", "tiny-v2-v.yaml", "tiny-v2.yaml"]
 
 
-@pytest.mark.parametrize("name", sorted(REFERENCE))
-def test_shipped_configs_equal_the_originals(name):
-    if not REFERENCE[name].exists():
-        pytest.skip(f"reference tree not present: {REFERENCE[name]}")
-    assert _yaml(ROOT / "configs" / "stable-diffusion" / name) == _yaml(REFERENCE[name])
+@pytest.mark.parametrize("name", sorted(ORIGINAL_SHA256))
+def test_shipped_configs_are_the_original_files(name):
+    """configs/stable-diffusion/<name> is the upstream file, byte for byte (configs/stable-diffusion/<name> of
+    the repository and commit recorded in ORIGINAL_SHA256)."""
+    digest, source = ORIGINAL_SHA256[name]
+    assert hashlib.sha256((ROOT / "configs" / "stable-diffusion" / name).read_bytes()).hexdigest() == digest, source
+    assert {p.name for p in ORIGINAL} == set(ORIGINAL_SHA256)
 
 
 def test_what_distinguishes_the_original_configs():

@@ -4,18 +4,16 @@ Loaded through ldm.load_model and sampled through the txt2img pipeline, as `make
 prompts, 10 DDIM steps); the full table is checkpoints/demo/scores.md (scripts/score_table.py).
 """
 
-from pathlib import Path
+import json
 
 import pytest
 import torch
 
 import ldm
+from ldm.demo import DEMO_CKPT as CKPT
+from ldm.demo import DEMO_CONFIG as CONFIG
 from ldm.demo import world
 from ldm.train.demo_eval import score_model
-
-ROOT = Path(__file__).resolve().parent.parent
-CONFIG = ROOT / "configs/demo/shapes-v1.yaml"
-CKPT = ROOT / "checkpoints/demo/shapes-v1.safetensors"
 # The floor is well under the shipped model's measured score for these prompts and settings (7 of 8, 0.875,
 # when it was shipped; 0.90 on 40 seen prompts at 25 steps, checkpoints/demo/scores.md): it allows two more
 # misses, so it catches a broken load or sampler path, not a small regression. Chance for the whole prompt is
@@ -39,6 +37,16 @@ def test_shipped_model_follows_seen_prompts(model):
 
 
 def test_shipped_weights_are_the_ema_export(model):
+    # ldm/train/checkpoint_io.export_pruned records which UNet weights it exported ("ema": "True" only when the
+    # EMA shadows of the training checkpoint were folded in) and the training step; a raw export says "False"
+    from safetensors import safe_open
+
+    with safe_open(str(CKPT), "pt") as f:
+        metadata, keys = f.metadata(), set(f.keys())
+    report = json.loads((CKPT.parent / "train_report.json").read_text())
+    assert metadata["ema"] == "True"
+    assert int(metadata["global_step"]) == report["diffusion"]["steps"]
+    assert not any(k.startswith("model_ema.") for k in keys)  # pruned: the shadows are folded, not kept
     # the pruned export keeps the EMA UNet in float16; loaded as float32 every value is a float16 number
     weight = model.unet.out[2].weight
     assert weight.dtype == torch.float32

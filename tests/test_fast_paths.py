@@ -18,7 +18,7 @@ from torch import nn
 
 from ldm import fast, pipeline, tiling
 from ldm.models.attention import SpatialTransformer
-from tests.tiny_models import tiny_config_path, tiny_model
+from tiny_models import tiny_config_path, tiny_model
 
 needs_prepack = pytest.mark.skipif(not fast.prepack_supported(), reason="torch built without oneDNN")
 

@@ -2,7 +2,6 @@
 
 import dataclasses
 import functools
-import json
 import math
 from pathlib import Path
 
@@ -11,24 +10,20 @@ import pytest
 import torch
 
 from ldm.config import load_config
-from ldm.models.latent_diffusion import LatentDiffusion, build_model
+from ldm.models.latent_diffusion import build_model
+from manifests import load_manifest
 from tiny_models import (  # tests/ is on sys.path under pytest's default (prepend) import mode
     SCHEDULE_KEYS, TINY_CONFIGS, ema_key, make_tiny_checkpoint, model_state_dict, random_tensor, schedule_buffers,
     tiny_config_path, tiny_model, tiny_state_dict,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-# Key -> shape manifests of the real checkpoints (see their README): shared/ lies beside the checkout.
-MANIFEST_DIRS = (ROOT.parent / "shared" / "manifests",)
 # Keys the original checkpoint stores that our model does not own (the loader accounts for them by name).
 EXTRA_NAMES = ("embeddings.position_ids", "model.logit_scale", "model.text_projection")
 
 
 def _manifest(name):
-    for folder in MANIFEST_DIRS:
-        if (folder / f"{name}.keys.json").exists():
-            return {k: tuple(v) for k, v in json.loads((folder / f"{name}.keys.json").read_text()).items()}
-    pytest.skip(f"no manifest {name}.keys.json in {[str(d) for d in MANIFEST_DIRS]}")
+    return load_manifest(name)  # key -> shape of the real checkpoint (tests/fixtures/manifests/README.md)
 
 
 def _is_extra(key):

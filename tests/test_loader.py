@@ -12,9 +12,10 @@ from safetensors.torch import save_file
 import ldm
 from ldm.checkpoint import CheckpointError, UnsafeCheckpointError
 from ldm.config import load_config
-from ldm.loader import CLIP_NEW, CLIP_OLD, UNET, VAE, ema_key
+from ldm.loader import CLIP_NEW, CLIP_OLD, UNET, VAE
 from ldm.models.latent_diffusion import build_model
-from tiny_models import make_tiny_checkpoint, schedule_buffers, tiny_config_path, tiny_state_dict
+# ema_key: the test's own copy of LitEma's naming (tests/tiny_models.py), not the loader's function under test
+from tiny_models import ema_key, make_tiny_checkpoint, schedule_buffers, tiny_config_path, tiny_state_dict
 
 V1 = tiny_config_path("tiny-v1")
 
@@ -246,3 +247,12 @@ def test_config_the_modules_refuse_names_the_config(tmp_path, v1_ckpt):
         with pytest.raises(ValueError, match="cannot build the model") as info:
             ldm.load_model(path, v1_ckpt)
         assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_ema_key_is_litemas_naming():
+    # ldm/modules/ema.py LitEma: buffers named after the parameter path without dots, saved under model_ema;
+    # the literal key is the one in every released full-EMA checkpoint (tests/fixtures/manifests/v1-inference)
+    from ldm.loader import ema_key as loader_ema_key
+
+    assert loader_ema_key("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight") == \
+        "model_ema.diffusion_modelinput_blocks11transformer_blocks0attn2to_kweight"

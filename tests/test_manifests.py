@@ -1,7 +1,6 @@
-"""Full-size key coverage: the loader's mapping of every key of real SD checkpoints (shared/manifests/*.keys.json,
+"""Full-size key coverage: the loader's mapping of every key of real SD checkpoints (tests/fixtures/manifests/,
 key -> shape of the released files) onto meta-device models built from the original configs. No weights."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -9,8 +8,8 @@ import pytest
 from ldm.config import load_config
 from ldm.loader import EMA_BOOKKEEPING, UNET, plan_load
 from ldm.models.latent_diffusion import build_model
+from manifests import load_manifest
 
-MANIFESTS = Path(__file__).resolve().parents[2] / "shared" / "manifests"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "stable-diffusion"
 # manifest -> configs whose models must take it (v2-inference.yaml differs from -v only in parameterization)
 CASES = [
@@ -24,10 +23,7 @@ CASES = [
 @pytest.fixture(scope="module", params=CASES, ids=[f"{m}->{c}" for m, c in CASES])
 def case(request):
     manifest_name, config_name = request.param
-    path = MANIFESTS / f"{manifest_name}.keys.json"
-    if not path.exists():
-        pytest.skip(f"manifest not found: {path}")
-    shapes = {key: tuple(shape) for key, shape in json.loads(path.read_text()).items()}
+    shapes = load_manifest(manifest_name)
     model = build_model(load_config(CONFIGS / f"{config_name}.yaml"), device="meta")
     return shapes, model
 

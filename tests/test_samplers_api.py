@@ -1,7 +1,6 @@
 """The sampler registry entry point `sample`, the denoiser wrappers and guidance: conventions and invalid
 inputs, on small callables (no UNet)."""
 
-import math
 
 import pytest
 import torch

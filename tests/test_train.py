@@ -7,7 +7,6 @@ All on tests/configs/tiny-v1.yaml (f = 2) with 32 px images of the demo world, f
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,17 +14,17 @@ import torch
 import ldm
 from ldm.config import load_config
 from ldm.demo import world
-from ldm.loader import ema_key
+from ldm.demo import DEMO_CONFIG
+
 from ldm.models.latent_diffusion import build_model
 from ldm.train.autoencoder import AutoencoderTrainer, autoencoder_loss
 from ldm.train.checkpoint_io import export_pruned, write_config
 from ldm.train.diffusion import DiffusionTrainer, diffusion_target, init_token_embeddings, q_sample
 from ldm.train.ema import LitEma
 from ldm.train.loop import TrainOptions, learning_rate
-from tests.tiny_models import tiny_config_path
+from tiny_models import ema_key, tiny_config_path  # the test's own copy of LitEma's naming
 
 CONFIG = tiny_config_path("tiny-v1")
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs/demo/shapes-v1.yaml"
 
 
 def data(n, generator):

@@ -1,8 +1,9 @@
 """UNet and attention: full-size key layout, parity with diffusers on tiny configs, backend agreement.
 
 Fixtures tests/fixtures/unet_*.safetensors come from tests/make_fixtures_unet.py (diffusers'
-UNet2DConditionModel loaded through diffusers' own converter of original checkpoints; the diffusers and
-torch versions are in each file's metadata). Nothing here imports a reference package.
+UNet2DConditionModel loaded through diffusers' own converter of original checkpoints, or for the structures
+diffusers cannot express the original Stability-AI openaimodel.py itself; the reference and versions are in
+each file's metadata). Nothing here imports a reference package.
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ from torch import nn
 from ldm.config import UNetConfig, load_config
 from ldm.models.attention import ATTENTION_BACKENDS, CrossAttention, SpatialTransformer, set_attention_backend
 from ldm.models.unet import ResBlock, UNetModel, attention_heads, timestep_embedding
+from manifests import load_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
-MANIFESTS = Path(__file__).resolve().parents[2] / "shared" / "manifests"
 PREFIX = "model.diffusion_model."
-CASES = ("v1", "v2", "inpaint", "tiny_v2")
+CASES = ("v1", "v2", "inpaint", "tiny_v2", "multilevel")
 
 # float32 on CPU, same weights and inputs, different operation order (diffusers pre-scales the query and
 # uses baddbmm, adds residuals and biases in other places): each op is within a few float32 ulps
@@ -88,11 +89,8 @@ FULL_SIZE = [("v1-inference", "v1-inference"), ("v1-inpainting-inference", "v1-i
 
 @pytest.mark.parametrize("config_name,manifest_name", FULL_SIZE)
 def test_full_size_keys_and_shapes_equal_manifest(config_name, manifest_name):
-    manifest = MANIFESTS / f"{manifest_name}.keys.json"
     config = REPO / "configs" / "stable-diffusion" / f"{config_name}.yaml"
-    if not manifest.exists():
-        pytest.skip(f"checkpoint key manifest {manifest} not present (shared/manifests is outside the repo)")
-    want = {k[len(PREFIX):]: tuple(s) for k, s in json.loads(manifest.read_text()).items() if k.startswith(PREFIX)}
+    want = {k[len(PREFIX):]: s for k, s in load_manifest(manifest_name).items() if k.startswith(PREFIX)}
     with torch.device("meta"):
         model = UNetModel(load_config(config).unet)
     got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -130,7 +128,7 @@ def test_norm_epsilons_are_the_originals():
 
 @pytest.mark.parametrize("name", CASES)
 @pytest.mark.parametrize("timesteps", ["int", "frac"])
-def test_parity_with_diffusers(name, timesteps):
+def test_parity_with_reference(name, timesteps):
     model, t = load_case(name)
     assert t[f"t_{timesteps}"].dtype == (torch.int64 if timesteps == "int" else torch.float32)
     with torch.no_grad():
@@ -284,3 +282,80 @@ def test_per_level_num_res_blocks_layout():
         UNetModel(dataclasses.replace(cfg, num_res_blocks=(1, 2, 2)))
     with pytest.raises(ValueError, match="num_attention_blocks"):
         UNetModel(dataclasses.replace(cfg, num_attention_blocks=(1, 3)))
+
+
+def _small(**changes) -> UNetConfig:
+    base = dict(image_size=8, in_channels=4, model_channels=32, out_channels=4, num_res_blocks=1,
+                attention_resolutions=(1, 2), channel_mult=(1, 2), num_head_channels=16,
+                use_spatial_transformer=True, context_dim=8, use_linear_in_transformer=True, legacy=False)
+    return UNetConfig(**{**base, **changes})
+
+
+def test_label_emb_and_per_level_transformer_depth_as_sgm():
+    """sgm openaimodel.py: num_classes "sequential" adds label_emb = Sequential(Sequential(Linear(adm, 4 mc),
+    SiLU, Linear)) (keys label_emb.0.0 / label_emb.0.2, as in sd_xl_base_1.0), an int num_classes an
+    Embedding; transformer_depth per level with the middle block taking the last level's."""
+    model = UNetModel(_small(num_classes="sequential", adm_in_channels=12, transformer_depth=(1, 3)))
+    keys = model.state_dict()
+    assert keys["label_emb.0.0.weight"].shape == (128, 12) and keys["label_emb.0.2.weight"].shape == (128, 128)
+    assert [len(b[1].transformer_blocks) for b in model.input_blocks if len(b) > 1] == [1, 3]
+    assert len(model.middle_block[1].transformer_blocks) == 3
+    x, t, ctx, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 900]), torch.randn(2, 5, 8), torch.randn(2, 12)
+    with torch.no_grad():
+        out = model(x, t, ctx, y=y)
+        # y enters through the embedding: emb = time_embed(t_emb) + label_emb(y)
+        emb = model.time_embed(timestep_embedding(t, 32)) + model.label_emb(y)
+        assert torch.equal(model.embedding(t, y, 2, x.device), emb)
+        assert (model(x, t, ctx, y=y.flip(0)) - out).abs().max() > 1e-3
+    classes = UNetModel(_small(num_classes=10))
+    assert isinstance(classes.label_emb, nn.Embedding) and classes.label_emb.weight.shape == (10, 128)
+    with pytest.raises(NotImplementedError, match="num_classes='continuous'"):
+        UNetModel(_small(num_classes="continuous"))
+
+
+def test_control_residuals_join_the_skips_as_cldm():
+    """cldm.py ControlledUnetModel: h += control.pop() after the middle block, and each output block takes
+    cat([h, hs.pop() + control.pop()]). Zero residuals change nothing; a residual on one skip changes the output
+    exactly as adding it to that skip by hand does."""
+    model = UNetModel(_small()).eval()
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 5, 8)
+    skips = []
+    hooks = [b.register_forward_hook(lambda m, a, out: skips.append(out)) for b in model.input_blocks]
+    with torch.no_grad():
+        plain = model(x, t, ctx)
+        for hook in hooks:
+            hook.remove()
+        zeros = [torch.zeros_like(s) for s in skips] + [torch.zeros(2, 64, 4, 4)]
+        assert torch.equal(model(x, t, ctx, control=zeros), plain)
+        control = [torch.zeros_like(c) for c in zeros]
+        control[1] = torch.randn_like(control[1])  # the skip of input block 1
+        control[-1] = torch.randn_like(control[-1])  # the middle block's
+        out = model(x, t, ctx, control=control)
+        # by hand: the same network with the residuals added where cldm adds them
+        emb = model.embedding(t, None, 2, x.device)
+        h, hs = x, []
+        for block in model.input_blocks:
+            h = block(h, emb, ctx)
+            hs.append(h)
+        h = model.middle_block(h, emb, ctx) + control[-1]
+        hs = [s + c for s, c in zip(hs, control[:-1])]
+        for block in model.output_blocks:
+            h = block(torch.cat([h, hs.pop()], dim=1), emb, ctx)
+        torch.testing.assert_close(out, model.out(h), rtol=0, atol=0)
+    assert (out - plain).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(x=torch.zeros(2, 3, 8, 8)), r"x must be \(B, 4, H, W\)"),
+    (dict(x=torch.zeros(2, 4, 7, 8)), "multiples of 2"),
+    (dict(timesteps=torch.zeros(3)), r"timesteps must be a scalar or of shape \(2,\)"),
+    (dict(context=torch.zeros(3, 5, 8)), "context batch 3 does not match x batch 2"),
+    (dict(context=torch.zeros(2, 8)), r"context must be \(B, tokens, width\)"),
+    (dict(y=torch.zeros(2, 12)), "y must be given exactly when"),
+    (dict(control=[torch.zeros(1)]), "control needs 5 residuals, got 1"),  # 4 input blocks + the middle
+])
+def test_bad_arguments_are_named(args, message):
+    model = UNetModel(_small())
+    call = {**dict(x=torch.zeros(2, 4, 8, 8), timesteps=torch.zeros(2), context=torch.zeros(2, 5, 8)), **args}
+    with pytest.raises(ValueError, match=message):
+        model(**call)

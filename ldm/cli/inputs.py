@@ -58,7 +58,8 @@ def validate(opts: argparse.Namespace, mode: str) -> None:
     opts.sampler = sampler_name(opts)
     valid = SAMPLERS[opts.sampler].valid_schedules
     if opts.schedule not in valid:
-        raise CLIError(f"schedule {opts.schedule!r} does not apply to sampler {opts.sampler}; valid: {', '.join(valid)}")
+        raise CLIError(f"schedule {opts.schedule!r} does not apply to sampler {opts.sampler}; "
+                       f"valid: {', '.join(valid)}")
     if opts.ddim_eta and opts.sampler != "ddim":
         raise CLIError(f"--ddim_eta applies to the ddim sampler only (got {opts.ddim_eta} with {opts.sampler})")
     for name in ("ddim_steps", "n_iter", "n_samples", "C", "f"):

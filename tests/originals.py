@@ -1,0 +1,26 @@
+"""Importing the ORIGINAL code (CompVis / Stability / sgm trees, whose top package is also named `ldm` or `sgm`)
+in a fixture generator, while our own `ldm` is set aside. Used by the tests/make_fixtures_*.py generators only;
+nothing here is imported by the tests themselves."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from pathlib import Path
+
+
+def import_original(repo: Path, modules: list[str], package: str = "ldm") -> list[types.ModuleType]:
+    """Import `<package>.<module>` from an original repository while our own `ldm` is set aside (and restored
+    afterwards); returns the modules in the order asked."""
+    ours = {k: sys.modules.pop(k) for k in list(sys.modules) if k == package or k.startswith(package + ".")}
+    path = list(sys.path)
+    # the originals' `ldm` has no __init__.py: a regular `ldm` package anywhere on the path would win
+    sys.path[:] = [str(repo)] + [p for p in path if not (Path(p or ".") / package / "__init__.py").exists()]
+    try:
+        return [importlib.import_module(name) for name in modules]
+    finally:
+        sys.path[:] = path
+        for k in [k for k in sys.modules if k == package or k.startswith(package + ".")]:
+            sys.modules.pop(k)
+        sys.modules.update(ours)
