@@ -16,9 +16,9 @@ from ldm.config import (FROZEN_CLIP_EMBEDDER, FROZEN_OPENCLIP_EMBEDDER, CLIPText
                         TextEncoderConfig)
 from ldm.models.clip_text import FrozenCLIPEmbedder
 from ldm.models.openclip_text import FrozenOpenCLIPEmbedder
+from manifests import load_manifest
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-MANIFESTS = Path(__file__).resolve().parents[2] / "shared" / "manifests"
 PREFIX = "cond_stage_model."
 CLIP_EMBEDDING = "transformer.text_model.embeddings.token_embedding.weight"
 OPENCLIP_EMBEDDING = "model.token_embedding.weight"
@@ -79,11 +79,7 @@ def _openclip(meta: dict, **kwargs) -> FrozenOpenCLIPEmbedder:
     ("v2-inference-v", FROZEN_OPENCLIP_EMBEDDER, "penultimate"),
 ])
 def test_full_size_keys_match_checkpoint_manifest(manifest, target, layer):
-    path = MANIFESTS / f"{manifest}.keys.json"
-    if not path.exists():
-        pytest.skip(f"{path} not present (shared manifests live outside the repository)")
-    expected = {k.removeprefix(PREFIX): tuple(v) for k, v in json.loads(path.read_text()).items()
-                if k.startswith(PREFIX)}
+    expected = {k.removeprefix(PREFIX): v for k, v in load_manifest(manifest).items() if k.startswith(PREFIX)}
     cls = FrozenOpenCLIPEmbedder if target == FROZEN_OPENCLIP_EMBEDDER else FrozenCLIPEmbedder
     with torch.device("meta"):  # default configs: CLIP ViT-L/14, OpenCLIP ViT-H/14
         model = cls(TextEncoderConfig(target=target, layer=layer))
