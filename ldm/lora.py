@@ -171,6 +171,7 @@ class Patch:
     target: str  # our parameter path, e.g. model.diffusion_model.out.2.weight
     rows: tuple[int, int] | None  # rows of a packed q/k/v projection, else None (the whole weight)
     weights: dict[str, torch.Tensor]
+    source: str = ""  # the file's module name (kohya's)
 
     @property
     def is_text(self) -> bool:
@@ -217,7 +218,14 @@ def plan_lora(model: nn.Module, lora: LoraFile) -> LoraPlan:
     """Map every key of `lora` onto `model` (LoraError for a file that does not fit it)."""
     names = layer_names(model)
     is_sd2 = any(name.startswith("model_transformer_resblocks") for name in names)
-    grouped: dict[str, tuple[str, dict]] = {}
+    # kohya's metadata says what the file was trained on (network.py NetworkOnDisk.detect_version)
+    if str(lora.metadata.get("ss_base_model_version", "")).startswith("sdxl_"):
+        raise LoraError(f"{lora.path}: an SDXL LoRA (ss_base_model_version "
+                        f"{lora.metadata['ss_base_model_version']}); this model is SD {'2' if is_sd2 else '1'}")
+    if lora.metadata.get("ss_v2") in ("True", "False") and (lora.metadata["ss_v2"] == "True") != is_sd2:
+        raise LoraError(f"{lora.path}: an SD {'2' if lora.metadata['ss_v2'] == 'True' else '1'} LoRA (ss_v2 "
+                        f"{lora.metadata['ss_v2']}); this model is SD {'2' if is_sd2 else '1'}")
+    grouped: dict[str, tuple[str, dict, str]] = {}
     plan = LoraPlan(lora)
     for key, tensor in lora.tensors.items():
         base, _, part = key.partition(".")
@@ -234,11 +242,11 @@ def plan_lora(model: nn.Module, lora: LoraFile) -> LoraPlan:
         if module is None or not part:
             plan.unmatched.append(key)
             continue
-        grouped.setdefault(layer, (module, {}))[1][PEFT_KEYS.get(part, part)] = tensor
+        grouped.setdefault(layer, (module, {}, base))[1][PEFT_KEYS.get(part, part)] = tensor
     if not grouped:
         raise LoraError(f"{lora.path}: none of its {len(lora.tensors)} keys matches a module of this model "
                         f"(a LoRA for another architecture?), e.g. {next(iter(lora.tensors), '')}")
-    for layer, (module, weights) in grouped.items():
+    for layer, (module, weights, source) in grouped.items():
         unknown = sorted(set(weights) - UPDOWN_KEYS)
         if unknown or not {"lora_up.weight", "lora_down.weight"} <= set(weights):
             raise LoraError(f"{lora.path}: {layer} has keys {', '.join(sorted(weights))}; only LoRA / LoCon "
@@ -255,7 +263,7 @@ def plan_lora(model: nn.Module, lora: LoraFile) -> LoraPlan:
             weight = _parameter(model, target)
         except AttributeError:
             raise LoraError(f"{lora.path}: {layer} matches {module}, which has no weight") from None
-        patch = Patch(layer, target, rows, weights)
+        patch = Patch(layer, target, rows, weights, source)
         shape = weight.shape if rows is None else torch.Size((rows[1] - rows[0], weight.shape[1]))
         try:
             patch.updown(shape, torch.device("meta"))
@@ -351,7 +359,7 @@ def activate(model: nn.Module, specs) -> list[LoraPlan]:
             merged = (part.to(updown.dtype) + updown).to(weight.dtype)
             if patch.rows is not None:
                 merged = torch.cat([weight[:rows.start], merged, weight[rows.stop:]])
-            _set(model, patch.target, nn.Parameter(merged, requires_grad=False))
+            _set(model, patch.target, nn.Parameter(merged, requires_grad=weight.requires_grad))
     state.active = specs
     return plans
 
