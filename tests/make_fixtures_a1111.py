@@ -371,7 +371,9 @@ def main(argv=None) -> None:
     torch.set_grad_enabled(False)
     torch.set_num_threads(1)
     OUT.mkdir(parents=True, exist_ok=True)
-    a = A1111(args.a1111, OUT / ".a1111-lora-dir")
+    import tempfile
+
+    a = A1111(args.a1111, Path(tempfile.mkdtemp()))  # A1111 lists (and creates) its Lora folder at import
     write_embeddings()
     record = {"parse": {p: a.prompt_parser.parse_prompt_attention(p) for p in PARSE_PROMPTS},
               "extra_networks": {}, "chunks": {}}
