@@ -22,6 +22,9 @@ network_apply_weights; network.py NetworkModule; network_lora.py NetworkModuleLo
 Every key of a file is used or reported: keys that match no module are a warning (A1111 prints them), a file
 none of whose keys match, or whose shapes do not fit, is an error (a LoRA for another model), as are module types
 this file does not implement (LoHa, LoKr, IA3, full, DoRA).
+
+(Longer than the house's ~350 lines: file reading, name rules, the plan and the undoable merge are one concept,
+read together when a LoRA does not load as expected.)
 """
 
 from __future__ import annotations
