@@ -80,17 +80,22 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 def make_denoiser(model, prompts: list[str], negative_prompt: str | Sequence[str] = "",
-                  scale: float = 7.5) -> CFGDenoiser:
+                  scale: float = 7.5, text=None) -> CFGDenoiser:
     """The sampler's view of the model: eps/v wrapper around `model.apply_model`, with classifier-free guidance.
 
     As the original scripts, the unconditional branch is the encoding of "" (or of the negative prompt)
     for every sample, and scale 1 skips it (ddim.py calls the model once when the guidance scale is 1).
     The sampler works in float32 whatever the model's dtype; the UNet casts its inputs to its own.
+    `text`: ldm.prompts.TextOptions (A1111 syntax, clip skip, embeddings); None is the original's encoding.
+    Contexts of different lengths (A1111 chunks) run as two UNet calls (CFGDenoiser), as A1111 does.
     """
-    cond = model.conditioning(prompts)
-    uncond = None
-    if scale != 1.0:
-        uncond = model.conditioning(_as_list(negative_prompt, len(prompts)))
+    if text is None or text.is_original:  # the original's calls, unchanged
+        cond = model.conditioning(prompts)
+        uncond = model.conditioning(_as_list(negative_prompt, len(prompts))) if scale != 1.0 else None
+    else:  # A1111 computes the negative prompt's conditioning first (processing.py setup_conds)
+        uncond = (model.conditioning(_as_list(negative_prompt, len(prompts)), text, negative=True)
+                  if scale != 1.0 else None)
+        cond = model.conditioning(prompts, text)
     # timestep options (integer or fractional t) are the sampler registry's business (SamplerSpec.timing)
     denoiser = Denoiser(model.apply_model, model.alphas_cumprod, model.parameterization)
     return CFGDenoiser(denoiser, scale, cond=cond, uncond=uncond)
@@ -132,14 +137,14 @@ def sample(model, prompts: str | Sequence[str], *, negative_prompt: str | Sequen
            eta: float = 0.0, options: dict | None = None, shape: Sequence[int], generator: torch.Generator,
            x_T: torch.Tensor | None = None, init_latent: torch.Tensor | None = None,
            strength: float | None = None, callback: Callable | None = None,
-           disable: bool = False) -> torch.Tensor:
+           disable: bool = False, text=None) -> torch.Tensor:
     """Latents for one batch; draws x_T (or the img2img forward noise) from `generator` unless given.
-    `options`: the sampler's own options (ldm.samplers.SamplerSpec.options)."""
+    `options`: the sampler's own options (ldm.samplers.SamplerSpec.options); `text`: ldm.prompts.TextOptions."""
     if model.conditioning_key == "hybrid":
         raise ValueError("inpainting (hybrid) models need a mask and a masked image; txt2img/img2img "
                          "do not support them")
     device = model_device(model)
-    denoiser = make_denoiser(model, list(prompts), negative_prompt, scale)
+    denoiser = make_denoiser(model, list(prompts), negative_prompt, scale, text)
     if x_T is None:
         x_T = randn(shape, generator, device)
     return samplers.sample(denoiser, x_T.to(device), sampler=sampler, steps=steps, schedule=schedule,
@@ -147,21 +152,61 @@ def sample(model, prompts: str | Sequence[str], *, negative_prompt: str | Sequen
                            strength=strength, callback=callback, disable=disable)
 
 
+def text_options(model, prompt_syntax: str = "plain", clip_skip: int = 1, embeddings: Sequence = ()):
+    """ldm.prompts.TextOptions for `model` (embedding files read and checked against its text encoder), or
+    None when everything is the original's."""
+    from ldm.embeddings import load_embeddings
+    from ldm.prompts import TextOptions
+
+    database = load_embeddings(embeddings, model.cond_stage_model) if embeddings else None
+    text = TextOptions(prompt_syntax, clip_skip, database)
+    if clip_skip > 1 and model.cond_stage_model.convention == "open_clip":
+        import warnings
+
+        warnings.warn("clip skip is ignored for SD 2 (OpenCLIP text encoder), as A1111 ignores it", stacklevel=2)
+        text = TextOptions(prompt_syntax, 1, database)
+    return None if text.is_original else text
+
+
+@contextlib.contextmanager
+def networks(model, first_prompt: str, prompt_syntax: str = "plain", loras: Sequence = (), lora_dir=None):
+    """The LoRAs of a batch (ldm.lora.for_prompt: the first prompt's <lora:...> tags with the a1111 syntax, then
+    `loras`, ldm.lora.LoraSpec or "PATH[:SCALE]") merged into `model` while the block runs, then undone."""
+    from ldm import lora
+
+    specs = [lora.parse_lora_arg(x) if isinstance(x, str) else x for x in loras]
+    wanted = lora.for_prompt(first_prompt, prompt_syntax, specs, lora_dir)
+    if not wanted:
+        yield []
+        return
+    previous = lora.active(model)
+    plans = lora.activate(model, wanted)
+    try:
+        yield plans
+    finally:
+        lora.activate(model, previous)
+
+
 def txt2img(model, prompts: str | Sequence[str], *, negative_prompt: str | Sequence[str] = "",
             sampler: str = "ddim", steps: int = 50, schedule: str = "uniform", scale: float = 7.5,
             eta: float = 0.0, options: dict | None = None, H: int = 512, W: int = 512, C: int = 4, f: int = 8,
             seed: int | None = None, generator: torch.Generator | None = None, n_samples: int | None = None,
             x_T: torch.Tensor | None = None, callback: Callable | None = None,
-            disable: bool = False) -> torch.Tensor:
-    """Images for `prompts` (a list, or one string repeated n_samples times): (B, 3, H, W) in [0, 1]."""
+            disable: bool = False, loras: Sequence = (), embeddings: Sequence = (), prompt_syntax: str = "plain",
+            lora_dir=None, clip_skip: int = 1) -> torch.Tensor:
+    """Images for `prompts` (a list, or one string repeated n_samples times): (B, 3, H, W) in [0, 1].
+    `loras` ("PATH[:SCALE]" or ldm.lora.LoraSpec), `embeddings` (paths), `prompt_syntax` ("plain" | "a1111"),
+    `lora_dir` (for <lora:NAME> tags), `clip_skip` (A1111's numbering): as the command line's flags."""
     prompts = _as_list(prompts, n_samples)
     if H % f or W % f:
         raise ValueError(f"H and W must be multiples of f={f} (got {H}x{W})")
     generator = _generator(seed, generator)
-    latents = sample(model, prompts, negative_prompt=negative_prompt, sampler=sampler, steps=steps,
-                     schedule=schedule, scale=scale, eta=eta, options=options,
-                     shape=(len(prompts), C, H // f, W // f),
-                     generator=generator, x_T=x_T, callback=callback, disable=disable)
+    text = text_options(model, prompt_syntax, clip_skip, embeddings)
+    with networks(model, prompts[0], prompt_syntax, loras, lora_dir):
+        latents = sample(model, prompts, negative_prompt=negative_prompt, sampler=sampler, steps=steps,
+                         schedule=schedule, scale=scale, eta=eta, options=options,
+                         shape=(len(prompts), C, H // f, W // f),
+                         generator=generator, x_T=x_T, callback=callback, disable=disable, text=text)
     with torch.no_grad():
         return to_unit(decode(model, latents))
 
@@ -171,8 +216,11 @@ def img2img(model, init_image: torch.Tensor, prompts: str | Sequence[str], *, st
             schedule: str = "uniform", scale: float = 5.0, eta: float = 0.0, options: dict | None = None,
             seed: int | None = None,
             generator: torch.Generator | None = None, n_samples: int | None = None,
-            callback: Callable | None = None, disable: bool = False) -> torch.Tensor:
+            callback: Callable | None = None, disable: bool = False, loras: Sequence = (),
+            embeddings: Sequence = (), prompt_syntax: str = "plain", lora_dir=None,
+            clip_skip: int = 1) -> torch.Tensor:
     """Variations of `init_image` ((1 or B, 3, H, W) in [-1, 1]): (B, 3, H, W) images in [0, 1].
+    LoRA, embedding, syntax and clip-skip arguments as txt2img.
 
     As the original img2img.py: the init image is repeated to the batch and encoded (one posterior sample
     per copy), noised to the level `strength` of the way through the schedule, then denoised from there.
@@ -183,12 +231,14 @@ def img2img(model, init_image: torch.Tensor, prompts: str | Sequence[str], *, st
     generator = _generator(seed, generator)
     if init_image.shape[0] == 1:
         init_image = init_image.expand(len(prompts), -1, -1, -1)
-    with torch.no_grad():
-        init_latent = encode_image(model, init_image, generator)
-    latents = sample(model, prompts, negative_prompt=negative_prompt, sampler=sampler, steps=steps,
-                     schedule=schedule, scale=scale, eta=eta, options=options, shape=init_latent.shape,
-                     generator=generator,
-                     init_latent=init_latent, strength=strength, callback=callback, disable=disable)
+    text = text_options(model, prompt_syntax, clip_skip, embeddings)
+    with networks(model, prompts[0], prompt_syntax, loras, lora_dir):
+        with torch.no_grad():
+            init_latent = encode_image(model, init_image, generator)
+        latents = sample(model, prompts, negative_prompt=negative_prompt, sampler=sampler, steps=steps,
+                         schedule=schedule, scale=scale, eta=eta, options=options, shape=init_latent.shape,
+                         generator=generator, init_latent=init_latent, strength=strength, callback=callback,
+                         disable=disable, text=text)
     with torch.no_grad():
         return to_unit(decode(model, latents))
 
@@ -204,7 +254,7 @@ def batches(prompts: Sequence[str], n_samples: int) -> list[list[str]]:
 def generate(model, prompts: Sequence[str], *, n_samples: int, latent_shape: Sequence[int], seed: int,
              n_iter: int = 1, fixed_code: bool = False, init_image: torch.Tensor | None = None,
              strength: float | None = None, autocast: torch.dtype | None = None, progress: bool = True,
-             **sampling) -> Iterator[tuple[int, list[str], torch.Tensor]]:
+             loras: Sequence = (), lora_dir=None, **sampling) -> Iterator[tuple[int, list[str], torch.Tensor]]:
     """(batch number, prompts, latents) for every batch of a run: `n_iter` passes over `prompts` in
     batches of n_samples, as the original scripts/txt2img.py and img2img.py loop.
 
@@ -215,7 +265,8 @@ def generate(model, prompts: Sequence[str], *, n_samples: int, latent_shape: Seq
     batch is padded with its last prompt to n_samples (the original fails on it), so that every batch draws
     the same amount of noise; the padding's latents are dropped. `autocast`: run under torch.autocast of the
     model's device type with that dtype. `sampling`: sample()'s sampler options (sampler, steps, schedule,
-    scale, eta, options, negative_prompt).
+    scale, eta, options, negative_prompt, text). `loras` / `lora_dir`: the LoRAs of every batch (`networks`: with
+    the a1111 syntax, also the tags of the batch's first prompt, as A1111), merged while the batch samples.
     """
     device = model_device(model)
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -234,7 +285,9 @@ def generate(model, prompts: Sequence[str], *, n_samples: int, latent_shape: Seq
         for _ in trange(n_iter, desc="Sampling", disable=not progress):
             for chunk in tqdm(chunks, desc="data", disable=not progress):
                 padded = chunk + chunk[-1:] * (n_samples - len(chunk))
-                latents = sample(model, padded, shape=shape, generator=generator, x_T=start_code,
-                                 init_latent=init_latent, strength=strength, disable=not progress, **sampling)
+                syntax = sampling["text"].syntax if sampling.get("text") is not None else "plain"
+                with networks(model, padded[0], syntax, loras, lora_dir):
+                    latents = sample(model, padded, shape=shape, generator=generator, x_T=start_code,
+                                     init_latent=init_latent, strength=strength, disable=not progress, **sampling)
                 yield number, chunk, latents[:len(chunk)]
                 number += 1

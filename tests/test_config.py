@@ -67,7 +67,8 @@ def test_every_yaml_value_lands_in_the_dataclass(path):
 def test_the_four_original_configs_are_shipped():
     assert [p.name for p in ORIGINAL] == [
         "v1-inference.yaml", "v1-inpainting-inference.yaml", "v2-inference-v.yaml", "v2-inference.yaml"]
-    assert [p.name for p in TINY] == ["tiny-v1-inpainting.yaml", "tiny-v1.yaml", "tiny-v2-v.yaml", "tiny-v2.yaml"]
+    assert [p.name for p in TINY] == ["tiny-v1-inpainting.yaml", "tiny-v1-lora.yaml", "tiny-v1.yaml",
+                                      "tiny-v2-lora.yaml", "tiny-v2-v.yaml", "tiny-v2.yaml"]
 
 
 @pytest.mark.parametrize("name", sorted(ORIGINAL_SHA256))

@@ -98,6 +98,9 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     p.add_argument("--device", type=str, default=None,
                    help="torch device (default: the CUDA device if available, else cpu)")
     add_speed_flags(p)
+    from ldm.cli.extras import add_text_flags  # LoRA, embeddings, A1111 prompt syntax, clip skip
+
+    add_text_flags(p)
     return p
 
 

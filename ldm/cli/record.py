@@ -7,6 +7,8 @@ generator in turn; scripts/rerun.py replays the run up to that batch from these 
 
 from __future__ import annotations
 
+import json
+
 from ldm import __version__, png_info
 
 # (infotext key, option name, type): the parameters a PNG records and rerun reads back (keys as A1111 where
@@ -29,6 +31,16 @@ FAST_FIELDS = (
 )
 
 
+# (infotext key, option name, type) of the prompt syntax, clip skip, LoRA and embedding flags (ldm/cli/extras.py),
+# written only when not at their defaults. `Clip skip` is A1111's key; lists are JSON (paths may hold ", ").
+# A1111's own `Lora hashes` / `TI hashes` come with the file hashes (extras.batch_fields).
+TEXT_FIELDS = (
+    ("Prompt syntax", "prompt_syntax", str), ("Clip skip", "clip_skip", int), ("Lora", "lora", list),
+    ("Lora dir", "lora_dir", str), ("Embeddings", "embedding", list),
+)
+TEXT_DEFAULTS = {"prompt_syntax": "plain", "clip_skip": 1, "lora": [], "lora_dir": None, "embedding": []}
+
+
 def infotext(options: dict, prompt: str, batch: int, pos: int, hashes: dict[str, str]) -> str:
     """The `parameters` text of one image made with the command-line `options` (a dict of option values):
     the prompt, the FIELDS, `hashes` (Model hash, ...), its batch number and position, and the version."""
@@ -46,12 +58,21 @@ def infotext(options: dict, prompt: str, batch: int, pos: int, hashes: dict[str,
         value = options.get(name)
         if not (value is None or value is False or value == "sdpa"):  # `is`: an overlap of 0 is recorded
             fields[key] = str(value)
+    for key, name, kind in TEXT_FIELDS:
+        value = options.get(name, TEXT_DEFAULTS[name])
+        if value != TEXT_DEFAULTS[name]:
+            fields[key] = json.dumps(value, ensure_ascii=False) if kind is list else str(value)
     fields.update(hashes)
     fields.update({"Batch number": str(batch), "Batch pos": str(pos), "Version": f"ldm {__version__}"})
     return png_info.format_parameters(fields)
 
 
 def _read(kind: type, text: str):
+    if kind is list:
+        value = json.loads(text)
+        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise ValueError(f"not a list of paths: {text!r}")
+        return value
     return text == "True" if kind is bool else kind(text)
 
 
@@ -67,7 +88,7 @@ def options_from_infotext(fields: dict[str, str], names) -> tuple[dict, int, int
                 continue
             # "EMA: True/False" is recorded for the option --no-ema
             options[name] = fields[key] == "False" if name == "no_ema" else _read(kind, fields[key])
-        for key, name, kind in FAST_FIELDS:
+        for key, name, kind in FAST_FIELDS + TEXT_FIELDS:
             if key in fields:
                 options[name] = _read(kind, fields[key])
         options["W"], options["H"] = (int(v) for v in fields["Size"].split("x"))

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ldm import pipeline, png_info
-from ldm.cli import inputs, record, run
+from ldm.cli import extras, inputs, record, run
 from ldm.cli.flags import CLIError, Parser, add_model_flags, build_parser
 
 
@@ -65,6 +65,12 @@ def rerun(args: argparse.Namespace) -> None:
             hashes["Init image"] = fields["Init image"]  # keep the recorded name when given elsewhere
 
     model, prompts, init_image = run.prepare(opts, mode, before_load=check_hashes)
+    # the LoRAs and embeddings must be the recorded ones too (A1111's Lora hashes / TI hashes of the batch)
+    networks = extras.batch_fields(opts, model, opts.text, prompts[:opts.n_samples])
+    for key in ("Lora hashes", "TI hashes"):
+        if fields.get(key) != networks.get(key):
+            raise CLIError(f"{key} {networks.get(key)} differs from the image's {fields.get(key)}")
+    hashes.update(networks)
     for number, _, latents in run.generate(opts, model, prompts, init_image):
         if number == batch:  # earlier batches only advance the generator, as in the original run
             # decode the whole batch, as the run did: kernels may block (and so round) by batch size

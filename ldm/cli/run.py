@@ -19,7 +19,7 @@ import torch
 
 import ldm
 from ldm import fast, pipeline, png_info
-from ldm.cli import inputs, record
+from ldm.cli import extras, inputs, record
 from ldm.cli.flags import PRECISIONS, CLIError, build_parser
 
 SAMPLE_NAME, SAMPLE_TEMPLATE = r"(\d{5,})\.png", "{:05}.png"
@@ -58,7 +58,7 @@ def generate(opts: argparse.Namespace, model, prompts: list[str],
         seed=opts.seed, n_iter=opts.n_iter, fixed_code=opts.fixed_code, init_image=init_image,
         strength=getattr(opts, "strength", None), autocast=autocast_dtype(opts), sampler=opts.sampler,
         steps=opts.ddim_steps, schedule=opts.schedule, scale=opts.scale, eta=opts.ddim_eta,
-        negative_prompt=opts.negative_prompt)
+        negative_prompt=opts.negative_prompt, text=opts.text, loras=opts.lora, lora_dir=opts.lora_dir)
 
 
 def decode(opts: argparse.Namespace, model, latents: torch.Tensor) -> torch.Tensor:
@@ -83,6 +83,7 @@ def prepare(opts: argparse.Namespace, mode: str, before_load=None):
     `before_load()` runs once the inputs are read (rerun checks hashes there)."""
     inputs.validate(opts, mode)
     prompts = inputs.read_prompts(opts)
+    extras.validate(opts, prompts)
     init_image = None
     if mode == "img2img":
         init_image = inputs.load_init_image(opts.init_img, opts.W, opts.H)
@@ -91,7 +92,9 @@ def prepare(opts: argparse.Namespace, mode: str, before_load=None):
         before_load()
     model = load(opts)
     inputs.check_run(opts, model)
-    inputs.warn_long_prompts(model, prompts + [opts.negative_prompt])
+    opts.text = extras.prepare(opts, model, prompts)  # ldm.prompts.TextOptions, None for the original's
+    if opts.prompt_syntax == "plain":  # the a1111 syntax reads long prompts in chunks of 75 tokens
+        inputs.warn_long_prompts(model, prompts + [opts.negative_prompt])
     return model, prompts, init_image
 
 
@@ -102,7 +105,8 @@ def run(opts: argparse.Namespace, mode: str) -> None:
     grid_images, first_info = [], None
     for batch, chunk, latents in generate(opts, model, prompts, init_image):
         images = decode(opts, model, latents)
-        infos = [record.infotext(vars(opts), prompt, batch, pos, hashes) for pos, prompt in enumerate(chunk)]
+        batch_hashes = {**hashes, **extras.batch_fields(opts, model, opts.text, chunk)} if hashes else hashes
+        infos = [record.infotext(vars(opts), prompt, batch, pos, batch_hashes) for pos, prompt in enumerate(chunk)]
         first_info = first_info or infos[0]
         if not opts.skip_save:
             os.makedirs(sample_dir, exist_ok=True)

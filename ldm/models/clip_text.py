@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.config import CLIPTextConfig, TextEncoderConfig
-from ldm.models.tokenizer import Tokens, tokenize
+from ldm.models.tokenizer import EOT, SOT, Tokens, tokenize
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -105,9 +105,11 @@ class CLIPTextEmbeddings(nn.Module):
         self.token_embedding = _embedding(cfg.vocab_size, cfg.hidden_size)
         self.position_embedding = _embedding(cfg.max_position_embeddings, cfg.hidden_size)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        # positions 0..T-1, which is what the checkpoint's position_ids buffer holds
-        return self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]
+    def forward(self, ids: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        # positions 0..T-1, which is what the checkpoint's position_ids buffer holds; `token_embeds`: the
+        # token-embedding rows already looked up (textual inversion replaces some of them, ldm/prompts.py)
+        x = self.token_embedding(ids) if token_embeds is None else token_embeds
+        return x + self.position_embedding.weight[: ids.shape[1]]
 
 
 class CLIPEncoder(nn.Module):
@@ -125,9 +127,18 @@ class CLIPTextTransformer(nn.Module):
         self.encoder = CLIPEncoder(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, ids: torch.Tensor, layer: str = "last", layer_idx: int | None = None) -> torch.Tensor:
-        x = self.embeddings(ids)
+    def forward(self, ids: torch.Tensor, layer: str = "last", layer_idx: int | None = None,
+                token_embeds: torch.Tensor | None = None, clip_skip: int = 1) -> torch.Tensor:
+        x = self.embeddings(ids, token_embeds)
         layers = self.encoder.layers
+        if clip_skip > 1:
+            # A1111's "clip skip" N (sd_hijack_clip.py encode_with_transformers): transformers'
+            # hidden_states[-N], i.e. the output of the first L + 1 - N layers, THEN final_layer_norm
+            if not clip_skip <= len(layers):
+                raise ValueError(f"clip skip {clip_skip} exceeds the {len(layers)} layers of the text encoder")
+            for block in layers[: len(layers) + 1 - clip_skip]:
+                x = block(x)
+            return self.final_layer_norm(x)
         if layer == "hidden":
             # transformers' hidden_states[layer_idx]: index 0 is the embedding output, i the output of layer i;
             # no final_layer_norm on these; negative indices count from the end as in that tuple of n + 1
@@ -151,8 +162,9 @@ class CLIPTextModel(nn.Module):
         super().__init__()
         self.text_model = CLIPTextTransformer(cfg)
 
-    def forward(self, ids: torch.Tensor, layer: str = "last", layer_idx: int | None = None) -> torch.Tensor:
-        return self.text_model(ids, layer, layer_idx)
+    def forward(self, ids: torch.Tensor, layer: str = "last", layer_idx: int | None = None,
+                token_embeds: torch.Tensor | None = None, clip_skip: int = 1) -> torch.Tensor:
+        return self.text_model(ids, layer, layer_idx, token_embeds, clip_skip)
 
 
 class FrozenCLIPEmbedder(nn.Module):
@@ -189,3 +201,18 @@ class FrozenCLIPEmbedder(nn.Module):
     def encode(self, prompts: str | Sequence[str]) -> torch.Tensor:
         device = self.transformer.text_model.embeddings.token_embedding.weight.device
         return self(self.tokenize(prompts).ids.to(device))
+
+    # What A1111's prompt handling needs (ldm/prompts.py): the BPE convention, the special ids, the token table
+    # and an encode from looked-up token embeddings with its clip skip.
+    convention, id_start, id_end, id_pad = "transformers", SOT, EOT, EOT
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.transformer.text_model.embeddings.token_embedding
+
+    def encode_embeds(self, ids: torch.Tensor, token_embeds: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        """(B, T, D) context from ids and their token-embedding rows; clip_skip N >= 2 as A1111 (then the
+        final LayerNorm, whatever the config's layer); 1 = this encoder's own output."""
+        if clip_skip > 1:
+            return self.transformer(ids, token_embeds=token_embeds, clip_skip=clip_skip)
+        return self.transformer(ids, self.layer, self.layer_idx, token_embeds)

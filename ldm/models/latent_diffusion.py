@@ -132,9 +132,15 @@ class LatentDiffusion(nn.Module):
         """(B, 77, D) cross-attention context for a list of prompts."""
         return self.cond_stage_model.encode(prompts)
 
-    def conditioning(self, prompts: list[str]) -> dict:
-        """The conditioning dict of a batch of prompts, as apply_model takes it."""
-        return {"c_crossattn": [self.encode_text(prompts)]}
+    def conditioning(self, prompts: list[str], text=None, negative: bool = False) -> dict:
+        """The conditioning dict of a batch of prompts, as apply_model takes it. `text`: an
+        ldm.prompts.TextOptions (A1111 syntax, clip skip, embeddings; None = the original's encoding);
+        `negative`: the prompts are negative prompts (A1111 leaves their `<...>` tags as text)."""
+        if text is None or text.is_original:
+            return {"c_crossattn": [self.encode_text(prompts)]}
+        from ldm import prompts as prompt_syntax
+
+        return {"c_crossattn": [prompt_syntax.encode(self.cond_stage_model, prompts, text, strip_tags=not negative)]}
 
     # The original LatentDiffusion's own names for the same steps (ddpm.py), so code written against it runs.
     def get_learned_conditioning(self, prompts: list[str]) -> torch.Tensor:

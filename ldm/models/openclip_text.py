@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.config import OpenCLIPTextConfig, TextEncoderConfig
-from ldm.models.tokenizer import Tokens, tokenize
+from ldm.models.tokenizer import EOT, SOT, Tokens, tokenize
 
 
 def _normal(shape: tuple[int, ...], std: float) -> torch.Tensor:
@@ -100,9 +100,10 @@ class OpenCLIPTextTower(nn.Module):
         self.text_projection = nn.Parameter(_normal((width, embed_dim), width ** -0.5))  # unused by encode
         self.logit_scale = nn.Parameter(torch.full((), math.log(1 / 0.07)))  # unused by encode
 
-    def forward(self, ids: torch.Tensor, skip_last: int = 1) -> torch.Tensor:
-        """Hidden states after all but the last `skip_last` residual blocks, then ln_final (B, T, width)."""
-        x = self.token_embedding(ids) + self.positional_embedding
+    def forward(self, ids: torch.Tensor, skip_last: int = 1, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states after all but the last `skip_last` residual blocks, then ln_final (B, T, width).
+        `token_embeds`: the token-embedding rows already looked up (textual inversion, ldm/prompts.py)."""
+        x = (self.token_embedding(ids) if token_embeds is None else token_embeds) + self.positional_embedding
         blocks = self.transformer.resblocks
         for block in blocks[: max(len(blocks) - skip_last, 0)]:
             x = block(x)
@@ -139,3 +140,17 @@ class FrozenOpenCLIPEmbedder(nn.Module):
     def encode(self, prompts: str | Sequence[str]) -> torch.Tensor:
         device = self.model.token_embedding.weight.device
         return self(self.tokenize(prompts).ids.to(device))
+
+    # What A1111's prompt handling needs (ldm/prompts.py); A1111 pads with 0 after the first end-of-text
+    # (sd_hijack_open_clip.py id_pad) and ignores clip skip for this encoder (its encode_with_transformers
+    # leaves layer_idx as the config has it), so there is none here.
+    convention, id_start, id_end, id_pad = "open_clip", SOT, EOT, 0
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.model.token_embedding
+
+    def encode_embeds(self, ids: torch.Tensor, token_embeds: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        if clip_skip != 1:
+            raise ValueError("clip skip applies to the SD v1 CLIP text encoder only (A1111 ignores it for SD 2)")
+        return self.model(ids, self.layer_idx, token_embeds)
