@@ -24,7 +24,7 @@ from ldm import cli, lora, png_info, prompts
 from ldm.embeddings import EmbeddingError, load_embedding, load_embeddings
 from make_fixtures_a1111 import CHUNK_PROMPTS, CKPT_SEED, E2E, EMBEDDINGS, LORAS, MODELS, digest
 from make_fixtures_pipeline import state_digest
-from tiny_models import make_tiny_checkpoint, tiny_config_path
+from tiny_models import make_tiny_checkpoint, tiny_config_path, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "a1111"
@@ -303,3 +303,40 @@ def test_clip_skip_is_ignored_for_sd2_with_a_warning(models):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert ldm.pipeline.text_options(models["v1"], "plain", 1) is None
+
+
+def test_lora_merge_cross_checked_with_diffusers():
+    """diffusers' kohya loader + fuse_lora on the same file (tests/make_fixtures_lora_diffusers.py), module by
+    module, as a norm and two probe inner products of each weight's delta. Where diffusers applies the file's
+    alpha, the deltas agree to float32 rounding (rank-2 products summed in another order: measured <= 3e-7
+    relative; 1e-5 bounds it). Where it does not, the difference is exactly that: ours / diffusers' = alpha / rank
+    of the module, i.e. diffusers used a scale of 1 (it drops per-module alphas that differ from the first one
+    of their group: peft's "alpha_pattern keys did not match" warning; diffusers #4668). A1111, the reference
+    (test_lora_merge_matches_a1111), applies every alpha."""
+    from make_fixtures_lora_diffusers import LORA, SCALE, summary
+
+    reference = json.loads((FIXTURES / "lora_diffusers.json").read_text())
+    model = tiny_model(tiny_config_path("tiny-v1-lora"), seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = lora.load_plan(model, str(LORA))
+    try:
+        lora.activate(model, [lora.LoraSpec(str(LORA), SCALE, SCALE)])
+        after = model.state_dict()
+    finally:
+        lora.activate(model, [])
+    changed = {k for k, v in after.items() if not torch.equal(v, before[k])}
+    assert changed == set(reference["modules"])  # the same 133 weights: the name maps agree
+    alphas = {p.target: (float(p.weights["alpha"]) / p.weights["lora_down.weight"].shape[0]
+                         if "alpha" in p.weights else 1.0) for p in plan.patches}
+    agree, alpha_dropped = 0, 0
+    for key in sorted(changed):
+        ours, theirs = summary(key, after[key] - before[key]), reference["modules"][key]
+        if max(abs(a - b) for a, b in zip(ours, theirs)) <= 1e-5 * theirs[0]:
+            agree += 1
+            continue
+        ratio = alphas[key]
+        assert ratio != 1.0, key  # a disagreement other than a dropped alpha
+        assert all(abs(a - ratio * b) <= 1e-5 * ours[0] for a, b in zip(ours, theirs)), key
+        alpha_dropped += 1
+    print(f"diffusers agrees on {agree} of {len(changed)} weights; drops the alpha of {alpha_dropped}")
+    assert agree >= 100 and agree + alpha_dropped == len(changed)
