@@ -4,8 +4,9 @@ It writes a demo-world image and two masks to OUTDIR, then runs scripts/inpaint.
 as for a real checkpoint:
 
     python scripts/inpaint.py --config configs/demo/shapes-v1.yaml --ckpt checkpoints/demo/shapes-v1.safetensors \
-        --init-img OUTDIR/inpaint-init.png --mask OUTDIR/inpaint-mask.png --prompt "a yellow square on a blue background, top left" \
-        --strength 1.0 --ddim_steps 25 --scale 2 --n_samples 8 --seed 0 --outdir OUTDIR/inpaint
+        --init-img OUTDIR/inpaint-init.png --mask OUTDIR/inpaint-mask.png --strength 1.0 \
+        --prompt "a yellow square on a blue background, top left" --ddim_steps 25 --scale 2 --n_samples 8 \
+        --seed 0 --outdir OUTDIR/inpaint
 
 - inpaint: init "a red circle on a blue background, top left", mask = the top-left quadrant, prompt a yellow
   square there;

@@ -1,10 +1,10 @@
 """scripts/rerun.py: regenerate an image from the generation parameters stored in its PNG.
 
-The PNG's `parameters` (ldm/cli/record.py) give the txt2img / img2img / inpaint options of the run, the run's seed, and the
-image's batch number and position. The run is replayed up to that batch through the same code path as
-scripts/txt2img.py (ldm/cli/run.py) and the image is picked; the model, VAE and init image must be the ones the
-image records (their hashes are checked before anything is loaded), and so must the mask of an inpainting. Writes OUTDIR/NNNNN.png and says whether it
-is identical to the source.
+The PNG's `parameters` (ldm/cli/record.py) give the txt2img / img2img / inpaint options of the run, the run's
+seed, and the image's batch number and position. The run is replayed up to that batch through the same code
+path as scripts/txt2img.py (ldm/cli/run.py) and the image is picked; the model, VAE, init image and mask must be
+the ones the image records (their hashes are checked before anything is loaded). Writes OUTDIR/NNNNN.png and
+says whether it is identical to the source.
 """
 
 from __future__ import annotations
