@@ -2,9 +2,11 @@
 
 Run with the reference environment (none of these packages is a dependency of ldm):
 
-    .venv-ref/bin/python tests/make_fixtures_inpaint.py --runwayml DIR --stability DIR --compvis DIR
+    .venv-ref/bin/python tests/make_fixtures_inpaint.py --runwayml DIR --stability DIR --compvis DIR \
+        [--commit runwayml=HASH ...]
 
-with DIR checkouts of runwayml/stable-diffusion, Stability-AI/stablediffusion and CompVis/stable-diffusion.
+with DIR checkouts of runwayml/stable-diffusion, Stability-AI/stablediffusion and CompVis/stable-diffusion (their
+commits are recorded; --commit gives them for trees without .git).
 
 What runs is the original code, from those trees (their `ldm` packages in turn, ours set aside:
 tests/originals.py original_package), on random tiny checkpoints (tests/tiny_models.make_tiny_checkpoint):
@@ -39,7 +41,8 @@ those cases model.get_unconditional_conditioning encodes the negative prompt ins
 
 The torch RNG is seeded with the seed right before each run (after loading), as ldm's --seed. Each case
 stores the uint8 images (n, H, W, 3) and the ldm command line that must reproduce them (`argv.<case>`), with
-the checkpoints' digests, the sha256 of the original files run and the package versions.
+the checkpoints' digests, the sha256 of the original files run and the package versions. (Longer than a
+module of ldm should be: most of it is the stand-ins the demos need to run outside their UIs.)
 """
 
 from __future__ import annotations
@@ -343,6 +346,26 @@ def build_original(cfg_path: Path, ckpt_path: Path, state: dict) -> torch.nn.Mod
     return model
 
 
+def prepared(sampler, state):
+    """A demo's sampler, its model checked complete and set up for the CPU."""
+    check_loaded(sampler.model, state)
+    for_cpu(sampler.model)
+    return sampler
+
+
+_MAKE_BATCH = {}
+
+
+def make_batch_sd_of(trees: dict[str, Path]):
+    """runwayml inpaint_st.py make_batch_sd (the demos' image and mask conventions), for the composed runs."""
+    if "fn" not in _MAKE_BATCH:
+        with original_package(trees["runwayml"]):
+            sys.modules["main"] = types.SimpleNamespace(instantiate_from_config=None)
+            _MAKE_BATCH["fn"] = load_script(trees["runwayml"] / "scripts/inpaint_st.py",
+                                            "original_inpaint_st_batch").make_batch_sd
+    return _MAKE_BATCH["fn"]
+
+
 def run_model(name: str, trees: dict[str, Path], workdir: Path) -> dict[str, np.ndarray]:
     """Every case of model `name`, run by the original code."""
     from tiny_models import tiny_config_path, tiny_state_dict
@@ -384,23 +407,11 @@ def run_model(name: str, trees: dict[str, Path], workdir: Path) -> dict[str, np.
     return out
 
 
-def prepared(sampler, state):
-    check_loaded(sampler.model, state)
-    for_cpu(sampler.model)
-    return sampler
+def tree_commit(path: Path) -> str:
+    import subprocess
 
-
-_MAKE_BATCH = {}
-
-
-def make_batch_sd_of(trees: dict[str, Path]):
-    """runwayml inpaint_st.py make_batch_sd (the demos' image and mask conventions), for the composed runs."""
-    if "fn" not in _MAKE_BATCH:
-        with original_package(trees["runwayml"]):
-            sys.modules["main"] = types.SimpleNamespace(instantiate_from_config=None)
-            _MAKE_BATCH["fn"] = load_script(trees["runwayml"] / "scripts/inpaint_st.py",
-                                            "original_inpaint_st_batch").make_batch_sd
-    return _MAKE_BATCH["fn"]
+    result = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return result.stdout.strip() if result.returncode == 0 else "unknown"
 
 
 def versions() -> dict[str, str]:
@@ -420,8 +431,12 @@ def main(argv=None) -> None:
     p.add_argument("--runwayml", type=Path, required=True, help="checkout of runwayml/stable-diffusion")
     p.add_argument("--stability", type=Path, required=True, help="checkout of Stability-AI/stablediffusion")
     p.add_argument("--compvis", type=Path, required=True, help="checkout of CompVis/stable-diffusion")
+    p.add_argument("--commit", action="append", default=[], metavar="TREE=HASH",
+                   help="the upstream commit of a tree that is not a git checkout (e.g. runwayml=08ab4d3...)")
     args = p.parse_args(argv)
     trees = {"runwayml": args.runwayml, "stability": args.stability, "compvis": args.compvis}
+    commits = {tree: tree_commit(path) for tree, path in trees.items()}
+    commits.update(dict(item.split("=", 1) for item in args.commit))
 
     torch.set_grad_enabled(False)
     torch.set_num_threads(1)  # deterministic op order; the machine is shared
@@ -447,6 +462,7 @@ def main(argv=None) -> None:
         "init_image_sha256": hashlib.sha256(INIT_IMAGE.read_bytes()).hexdigest(),
         "mask_sha256": hashlib.sha256(MASK.read_bytes()).hexdigest(),
         "original_sources": json.dumps(sources),
+        "original_commits": json.dumps(commits),
         "versions": json.dumps(versions()),
     })
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(FIXTURE), metadata=metadata)
