@@ -114,6 +114,8 @@ class LoadPlan:
     unexpected: list[str] = field(default_factory=list)  # checkpoint keys neither used nor ignored
     mismatched: list[str] = field(default_factory=list)  # "key: model shape vs file shape"
     use_ema: bool = False
+    hints: list[str] = field(default_factory=list)  # what a mismatch means, said first
+
 
     def raise_if_incomplete(self, path, first: int = 5) -> None:
         problems = []
@@ -122,7 +124,7 @@ class LoadPlan:
             if keys:
                 problems.append(f"{len(keys)} {what} (first: {', '.join(keys[:first])})")
         if problems:
-            raise CheckpointError(path, "checkpoint does not match the config: " + "; ".join(problems))
+            raise CheckpointError(path, "checkpoint does not match the config: " + "; ".join(self.hints + problems))
 
 
 def plan_load(model: nn.Module, ckpt: Mapping, ema: bool = True,
@@ -155,6 +157,7 @@ def plan_load(model: nn.Module, ckpt: Mapping, ema: bool = True,
             else:
                 plan.mismatched.append(f"{source}: model {list(shape)} vs file {list(stored)}")
 
+    plan.hints += _input_channels_hint(plan, ckpt, targets)
     used = set(plan.sources.values())
     for key in ckpt:
         if key in used:
@@ -168,6 +171,23 @@ def plan_load(model: nn.Module, ckpt: Mapping, ema: bool = True,
         else:
             plan.unexpected.append(key)
     return plan
+
+
+def _input_channels_hint(plan: LoadPlan, ckpt: Mapping, targets: Mapping[str, tuple]) -> list[str]:
+    """The mismatch of an inpainting checkpoint with an ordinary config or the reverse, in words."""
+    key = UNET + "input_blocks.0.0.weight"
+    source = plan.sources.get(key)
+    if source is None or len(_shape(ckpt[source])) != 4 or _shape(ckpt[source])[1] == targets[key][1]:
+        return []
+    model, stored = targets[key][1], _shape(ckpt[source])[1]
+    if (model, stored) == (9, 4):
+        return ["the config is an inpainting model's (9 UNet input channels: latent, mask, masked-image latent) but "
+                "the checkpoint's UNet takes 4 (an ordinary model): give its config, e.g. v1-inference.yaml"]
+    if (model, stored) == (4, 9):
+        return ["the checkpoint is an inpainting model's (9 UNet input channels: latent, mask, masked-image latent) "
+                "but the config's UNet takes 4: give an inpainting config, e.g. v1-inpainting-inference.yaml or "
+                "v2-inpainting-inference.yaml"]
+    return [f"the config's UNet takes {model} input channels, the checkpoint's {stored}"]
 
 
 def check_schedule(model: nn.Module, ckpt: Mapping[str, torch.Tensor], path) -> None:

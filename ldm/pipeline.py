@@ -141,8 +141,8 @@ def sample(model, prompts: str | Sequence[str], *, negative_prompt: str | Sequen
     """Latents for one batch; draws x_T (or the img2img forward noise) from `generator` unless given.
     `options`: the sampler's own options (ldm.samplers.SamplerSpec.options); `text`: ldm.prompts.TextOptions."""
     if model.conditioning_key == "hybrid":
-        raise ValueError("inpainting (hybrid) models need a mask and a masked image; txt2img/img2img "
-                         "do not support them")
+        raise ValueError("inpainting (hybrid) models need an image and a mask: use ldm.pipeline.inpaint "
+                         "(txt2img/img2img do not run them)")
     device = model_device(model)
     denoiser = make_denoiser(model, list(prompts), negative_prompt, scale, text)
     if x_T is None:
@@ -241,6 +241,15 @@ def img2img(model, init_image: torch.Tensor, prompts: str | Sequence[str], *, st
                          disable=disable, text=text)
     with torch.no_grad():
         return to_unit(decode(model, latents))
+
+
+def inpaint(model, image: torch.Tensor, mask: torch.Tensor, prompts: str | Sequence[str], **options) -> torch.Tensor:
+    """Repaint where `mask` ((1, 1, H, W), >= 0.5) is white in `image` ((1, 3, H, W) in [-1, 1]): (B, 3, H, W)
+    images in [0, 1]. Inpainting models as the demos they were released with, ordinary models as masked
+    img2img; conventions, options and randomness in ldm/inpaint.py."""
+    from ldm import inpaint as inpainting  # it builds on this module
+
+    return inpainting.inpaint(model, image, mask, prompts, **options)
 
 
 def batches(prompts: Sequence[str], n_samples: int) -> list[list[str]]:

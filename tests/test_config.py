@@ -25,6 +25,8 @@ ORIGINAL_SHA256 = {
                           "Stability-AI/stablediffusion@cf1d67a6fd5ea1aa600c4df58e5b47da45f6bdbf"),
     "v2-inference-v.yaml": ("72b092aadfe146f5d3f395a720c0aa3b2354b2095e3f10dc18f0e9716d286dcb",
                             "Stability-AI/stablediffusion@cf1d67a6fd5ea1aa600c4df58e5b47da45f6bdbf"),
+    "v2-inpainting-inference.yaml": ("821a51ee6a8f3a62e7f2002557fcb4f4ae97a2ab3cb3fb85942897d536fa8b2c",
+                                     "Stability-AI/stablediffusion@cf1d67a6fd5ea1aa600c4df58e5b47da45f6bdbf"),
 }
 SECTION_FIELD = {"unet_config": "unet", "first_stage_config": "first_stage", "cond_stage_config": "cond_stage"}
 
@@ -64,11 +66,13 @@ def test_every_yaml_value_lands_in_the_dataclass(path):
     _check_leaves(cfg, data["params"], "model.params")
 
 
-def test_the_four_original_configs_are_shipped():
+def test_the_original_configs_are_shipped():
     assert [p.name for p in ORIGINAL] == [
-        "v1-inference.yaml", "v1-inpainting-inference.yaml", "v2-inference-v.yaml", "v2-inference.yaml"]
-    assert [p.name for p in TINY] == ["tiny-v1-inpainting.yaml", "tiny-v1-lora.yaml", "tiny-v1.yaml",
-                                      "tiny-v2-lora.yaml", "tiny-v2-v.yaml", "tiny-v2.yaml"]
+        "v1-inference.yaml", "v1-inpainting-inference.yaml", "v2-inference-v.yaml", "v2-inference.yaml",
+        "v2-inpainting-inference.yaml"]
+    assert [p.name for p in TINY] == sorted(p.name for p in TINY) and {p.name for p in TINY} >= {
+        "tiny-v1-inpainting-f8.yaml", "tiny-v1-inpainting.yaml", "tiny-v1-lora.yaml", "tiny-v1.yaml",
+        "tiny-v2-inpainting.yaml", "tiny-v2-lora.yaml", "tiny-v2-v.yaml", "tiny-v2.yaml"}
 
 
 @pytest.mark.parametrize("name", sorted(ORIGINAL_SHA256))

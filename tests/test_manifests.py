@@ -15,6 +15,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "stable-diffusion"
 CASES = [
     ("v1-inference", "v1-inference"),
     ("v1-inpainting-inference", "v1-inpainting-inference"),
+    ("v2-inpainting-inference", "v2-inpainting-inference"),
     ("v2-inference-v", "v2-inference-v"),
     ("v2-inference-v", "v2-inference"),
 ]

@@ -84,7 +84,8 @@ def max_errors(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 # ---------------------------------------------------------------------------------------- full size
 
 FULL_SIZE = [("v1-inference", "v1-inference"), ("v1-inpainting-inference", "v1-inpainting-inference"),
-             ("v2-inference-v", "v2-inference-v"), ("v2-inference", "v2-inference-v")]
+             ("v2-inference-v", "v2-inference-v"), ("v2-inference", "v2-inference-v"),
+             ("v2-inpainting-inference", "v2-inpainting-inference")]
 
 
 @pytest.mark.parametrize("config_name,manifest_name", FULL_SIZE)

@@ -1,6 +1,8 @@
 """The flags of scripts/txt2img.py and scripts/img2img.py: those of the CompVis/stable-diffusion scripts with
 their defaults (v2's `--steps` is an alias of `--ddim_steps`), plus ours (--sampler, --schedule,
---negative_prompt, --no-ema, --vae, --device and the opt-in speed and memory flags; README, Speed)."""
+--negative_prompt, --no-ema, --vae, --device and the opt-in speed and memory flags; README, Speed).
+scripts/inpaint.py takes img2img's flags but the size ones (the output has the init image's size) and --mask;
+its defaults are the inpainting demos' where they have one (ldm/inpaint.py)."""
 
 from __future__ import annotations
 
@@ -45,7 +47,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser(mode: str) -> argparse.ArgumentParser:
     """The flags of the original scripts/{mode}.py with their defaults, plus ours."""
-    img2img = mode == "img2img"
+    inpaint = mode == "inpaint"
+    img2img = mode == "img2img" or inpaint  # inpaint takes img2img's flags, less the size ones, plus --mask
     p = Parser(prog=f"{mode}.py", description=f"Stable Diffusion {mode} (ldm {ldm.__version__})", epilog=EPILOG)
     p.add_argument("--prompt", type=str, nargs="?", default="a painting of a virus monster playing guitar",
                    help="the prompt to render")
@@ -53,6 +56,9 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
                    help="prompt for the unconditional branch of classifier-free guidance (default: empty)")
     if img2img:
         p.add_argument("--init-img", type=str, nargs="?", help="path to the input image")
+    if inpaint:
+        p.add_argument("--mask", type=str, help="path to the mask: any image, read as greyscale; white (>= 128) "
+                       "is repainted, black (<= 127) kept; the init image's size")
     p.add_argument("--outdir", type=str, nargs="?", help="dir to write results to",
                    default=f"outputs/{mode}-samples")
     p.add_argument("--skip_grid", action="store_true", help="do not save a grid, only individual samples")
@@ -66,7 +72,7 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     p.add_argument("--plms", action="store_true", help="use plms sampling (= --sampler plms)")
     p.add_argument("--dpm_solver", "--dpm", action="store_true",
                    help=f"use dpm_solver sampling (= --sampler {DPM_SOLVER})")
-    if not img2img:  # only the original txt2img has it
+    if mode == "txt2img":  # only the original txt2img has it
         p.add_argument("--laion400m", action="store_true",
                        help="the original's switch to the LAION-400M LDM-KL-8 (BERT text encoder) model; not "
                             "implemented by ldm, refused with a message")
@@ -74,23 +80,30 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
                    help="use the same starting code for every batch of the run")
     p.add_argument("--ddim_eta", type=float, default=0.0, help="ddim eta (0.0: deterministic sampling)")
     p.add_argument("--n_iter", type=int, default=1 if img2img else 2, help="sample this often")
-    size_help = " (default: the init image's, rounded down to a multiple of 32)" if img2img else ""
-    p.add_argument("--H", type=int, default=None if img2img else 512, help="image height, in pixel space" + size_help)
-    p.add_argument("--W", type=int, default=None if img2img else 512, help="image width, in pixel space" + size_help)
-    p.add_argument("--C", type=int, default=4, help="latent channels")
-    p.add_argument("--f", type=int, default=8, help="downsampling factor")
-    p.add_argument("--n_samples", type=int, default=2 if img2img else 3,
+    if not inpaint:  # inpainting keeps the init image's size and the model's latent shape
+        size_help = " (default: the init image's, rounded down to a multiple of 32)" if img2img else ""
+        p.add_argument("--H", type=int, default=None if img2img else 512,
+                       help="image height, in pixel space" + size_help)
+        p.add_argument("--W", type=int, default=None if img2img else 512,
+                       help="image width, in pixel space" + size_help)
+        p.add_argument("--C", type=int, default=4, help="latent channels")
+        p.add_argument("--f", type=int, default=8, help="downsampling factor")
+    p.add_argument("--n_samples", type=int, default=1 if inpaint else 2 if img2img else 3,
                    help="how many samples to produce for each given prompt. A.k.a. batch size")
     p.add_argument("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
-    p.add_argument("--scale", type=float, default=5.0 if img2img else 7.5,
+    p.add_argument("--scale", type=float, default=5.0 if mode == "img2img" else 7.5,
                    help="unconditional guidance scale: eps = eps(x, uncond) + scale * (eps(x, cond) - eps(x, uncond))")
     if img2img:
-        p.add_argument("--strength", type=float, default=0.75,
-                       help="strength for noising/unnoising. 1.0 corresponds to full destruction of the init image")
+        p.add_argument("--strength", type=float, default=1.0 if inpaint else 0.75,
+                       help="strength for noising/unnoising. 1.0 corresponds to full destruction of the init image"
+                       + (" (inpainting models: 1.0 only; 4-channel models: masked img2img)" if inpaint else ""))
     p.add_argument("--from-file", type=str, help="if specified, load prompts from this file, one per line")
     add_model_flags(p)
-    p.add_argument("--no-ema", dest="no_ema", action="store_true",
-                   help="use the raw UNet weights instead of the EMA weights of the checkpoint")
+    if inpaint:
+        add_inpaint_model_flags(p)
+    else:
+        p.add_argument("--no-ema", dest="no_ema", action="store_true",
+                       help="use the raw UNet weights instead of the EMA weights of the checkpoint")
     p.add_argument("--seed", type=int, default=42, help="the seed (for reproducible sampling)")
     p.add_argument("--precision", type=str, choices=list(PRECISIONS), default="autocast",
                    help="full: float32; autocast: float32 weights, float16 compute on an accelerator "
@@ -102,6 +115,17 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
 
     add_text_flags(p)
     return p
+
+
+def add_inpaint_model_flags(p: argparse.ArgumentParser) -> None:
+    """inpaint.py's model defaults, and its EMA choice: the RAW UNet weights unless --ema, as the demos (they
+    never enter ema_scope, so a checkpoint holding both samples its raw weights)."""
+    p.add_argument("--ema", dest="no_ema", action="store_false",
+                   help="use the EMA UNet weights of a checkpoint that holds both (default: the raw weights, "
+                        "as the original demos)")
+    p.add_argument("--no-ema", dest="no_ema", action="store_true", help="the raw UNet weights (the default)")
+    p.set_defaults(config="configs/stable-diffusion/v1-inpainting-inference.yaml",
+                   ckpt="models/ldm/inpainting/sd-v1-5-inpainting.ckpt", no_ema=True)
 
 
 def add_speed_flags(p: argparse.ArgumentParser) -> None:

@@ -63,18 +63,21 @@ def validate(opts: argparse.Namespace, mode: str) -> None:
     if opts.ddim_eta and opts.sampler != "ddim":
         raise CLIError(f"--ddim_eta applies to the ddim sampler only (got {opts.ddim_eta} with {opts.sampler})")
     for name in ("ddim_steps", "n_iter", "n_samples", "C", "f"):
-        if getattr(opts, name) < 1:
+        if getattr(opts, name, 1) < 1:  # inpaint has no --C / --f: the model's
             raise CLIError(f"--{name} must be at least 1 (got {getattr(opts, name)})")
     if opts.n_rows < 0:
         raise CLIError(f"--n_rows must be >= 0 (got {opts.n_rows})")
-    for name in ("H", "W"):
+    for name in ("H", "W") if mode != "inpaint" else ():  # inpaint: the init image's size
         value = getattr(opts, name)
         if value is not None and (value < opts.f or value % opts.f):
             raise CLIError(f"--{name} {value} is not a positive multiple of --f {opts.f}")
-    if mode == "img2img":
+    if mode in ("img2img", "inpaint"):
         if not 0.0 <= opts.strength <= 1.0:
             raise CLIError(f"--strength must be in [0, 1] (got {opts.strength})")
         _require_file(opts.init_img, "init image (--init-img)")
+    if mode == "inpaint":
+        _require_file(opts.mask, "mask (--mask)")
+    if mode == "img2img":
         if (opts.H is None) != (opts.W is None):
             raise CLIError("give both --H and --W, or neither (then the init image's size is used)")
     _require_file(opts.config, "config")
@@ -146,10 +149,13 @@ def load_init_image(path: str, width: int | None = None, height: int | None = No
     return 2.0 * torch.from_numpy(array).permute(2, 0, 1)[None] - 1.0
 
 
-def check_model(opts: argparse.Namespace, model) -> None:
+def check_model(opts: argparse.Namespace, model, mode: str = "txt2img") -> None:
     """The loaded model against the flags: its kind, latent channels and downsampling factor."""
+    if mode == "inpaint":
+        return  # any kind; the latent shape is the model's (ldm/cli/inpaint.py checks the run)
     if model.conditioning_key == "hybrid":
-        raise CLIError("inpainting (hybrid) models are not supported by txt2img/img2img")
+        raise CLIError(f"{opts.config} is an inpainting model (9-channel UNet input: latent, mask, masked image); "
+                       f"{mode} does not run it: use scripts/inpaint.py with --init-img and --mask")
     unet, first_stage = model.config.unet, model.config.first_stage
     if opts.C != unet.in_channels:
         raise CLIError(f"--C {opts.C} does not match the model's {unet.in_channels} latent channels")

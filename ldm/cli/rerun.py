@@ -1,10 +1,10 @@
 """scripts/rerun.py: regenerate an image from the generation parameters stored in its PNG.
 
-The PNG's `parameters` (ldm/cli/record.py) give the txt2img / img2img options of the run, the run's seed, and the
-image's batch number and position. The run is replayed up to that batch through the same code path as
-scripts/txt2img.py (ldm/cli/run.py) and the image is picked; the model, VAE and init image must be the ones the
-image records (their hashes are checked before anything is loaded). Writes OUTDIR/NNNNN.png and says whether it
-is identical to the source.
+The PNG's `parameters` (ldm/cli/record.py) give the txt2img / img2img / inpaint options of the run, the run's
+seed, and the image's batch number and position. The run is replayed up to that batch through the same code
+path as scripts/txt2img.py (ldm/cli/run.py) and the image is picked; the model, VAE, init image and mask must be
+the ones the image records (their hashes are checked before anything is loaded). Writes OUTDIR/NNNNN.png and
+says whether it is identical to the source.
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ from ldm.cli.flags import CLIError, Parser, add_model_flags, build_parser
 def build_parser_rerun() -> argparse.ArgumentParser:
     p = Parser(prog="rerun.py", description="Regenerate an image from the parameters stored in its PNG "
                "(writes OUTDIR/NNNNN.png and says whether it is identical to the source).")
-    p.add_argument("image", help="a PNG written by txt2img.py / img2img.py / rerun.py")
+    p.add_argument("image", help="a PNG written by txt2img.py / img2img.py / inpaint.py / rerun.py")
     add_model_flags(p)  # where the model is now; its hash must match the recorded one
-    p.add_argument("--init-img", type=str, default=None, help="init image of an img2img result "
+    p.add_argument("--init-img", type=str, default=None, help="init image of an img2img or inpaint result "
+                   "(default: the recorded path; its hash must match)")
+    p.add_argument("--mask", type=str, default=None, help="mask of an inpaint result "
                    "(default: the recorded path; its hash must match)")
     p.add_argument("--outdir", type=str, default="outputs/rerun-samples", help="dir to write the result to")
     p.add_argument("--device", type=str, default=None, help="torch device (default: CUDA if available, else cpu)")
@@ -37,7 +39,7 @@ def rerun(args: argparse.Namespace) -> None:
         fields = png_info.parse_parameters(png_info.read_parameters(args.image))
     except (ValueError, UnidentifiedImageError) as e:
         raise CLIError(f"cannot read parameters from {args.image}: {e}") from None
-    mode = "img2img" if "Denoising strength" in fields else "txt2img"
+    mode = "inpaint" if "Mask hash" in fields else "img2img" if "Denoising strength" in fields else "txt2img"
     opts = build_parser(mode).parse_args([])
     try:
         values, batch, pos = record.options_from_infotext(fields, vars(opts))
@@ -49,8 +51,10 @@ def rerun(args: argparse.Namespace) -> None:
         setattr(opts, name, getattr(args, name))
     if opts.prepack and inputs.resolve_device(opts.device).type != "cpu":
         opts.prepack = False  # a CPU-only path; elsewhere the plain kernels (rounding may differ anyway)
-    if mode == "img2img":  # resized to the recorded size, as the run did (rounding to multiples of 32)
+    if mode in ("img2img", "inpaint"):  # img2img: resized to the recorded size, as the run did
         opts.init_img = args.init_img or fields.get("Init image")
+    if mode == "inpaint":
+        opts.mask = args.mask or fields.get("Mask")
     if ("VAE hash" in fields) != (opts.vae is not None):
         raise CLIError(f"the image was made with --vae {fields['VAE']}" if "VAE hash" in fields
                        else "the image was made without --vae")
@@ -61,8 +65,9 @@ def rerun(args: argparse.Namespace) -> None:
         for key, value in hashes.items():
             if key.endswith("hash") and fields.get(key) != value:
                 raise CLIError(f"{key} {value} differs from the image's {fields.get(key)}")
-        if mode == "img2img":
-            hashes["Init image"] = fields["Init image"]  # keep the recorded name when given elsewhere
+        for name in ("Init image", "Mask"):
+            if name in hashes:
+                hashes[name] = fields[name]  # keep the recorded name when given elsewhere
 
     model, prompts, init_image = run.prepare(opts, mode, before_load=check_hashes)
     # the LoRAs and embeddings must be the recorded ones too (A1111's Lora hashes / TI hashes of the batch)
@@ -71,7 +76,7 @@ def rerun(args: argparse.Namespace) -> None:
         if fields.get(key) != networks.get(key):
             raise CLIError(f"{key} {networks.get(key)} differs from the image's {fields.get(key)}")
     hashes.update(networks)
-    for number, _, latents in run.generate(opts, model, prompts, init_image):
+    for number, _, latents in run.generate(opts, model, prompts, init_image, mode):
         if number == batch:  # earlier batches only advance the generator, as in the original run
             # decode the whole batch, as the run did: kernels may block (and so round) by batch size
             image = pipeline.to_uint8(run.decode(opts, model, latents))[pos]

@@ -1,4 +1,4 @@
-"""A run of scripts/txt2img.py or scripts/img2img.py: load the model, let the pipeline sample, write the files.
+"""A run of scripts/txt2img.py, img2img.py or inpaint.py: load the model, let the pipeline sample, write the files.
 
 Outputs as the originals: OUTDIR/samples/00000.png, ... and OUTDIR/grid-0000.png, numbered after what is
 already there; every PNG carries its generation parameters (ldm/cli/record.py), from which scripts/rerun.py
@@ -20,6 +20,7 @@ import torch
 import ldm
 from ldm import fast, pipeline, png_info
 from ldm.cli import extras, inputs, record
+from ldm.cli import inpaint as inpaint_cli
 from ldm.cli.flags import PRECISIONS, CLIError, build_parser
 
 SAMPLE_NAME, SAMPLE_TEMPLATE = r"(\d{5,})\.png", "{:05}.png"
@@ -34,12 +35,12 @@ def apply_speed_flags(opts: argparse.Namespace, model) -> None:
                    compile_networks=opts.compile, offload_to="cpu" if opts.offload else None, device=opts.device)
 
 
-def load(opts: argparse.Namespace):
+def load(opts: argparse.Namespace, mode: str = "txt2img"):
     """The model on opts.device in the --precision dtype, checked against the flags (CLIError if not)."""
     # with --offload the weights stay in CPU memory and each part visits the device only while it runs
     model = ldm.load_model(opts.config, opts.ckpt, device="cpu" if opts.offload else opts.device,
                            dtype=PRECISIONS[opts.precision], ema=not opts.no_ema, vae_path=opts.vae)
-    inputs.check_model(opts, model)
+    inputs.check_model(opts, model, mode)
     apply_speed_flags(opts, model)
     return model
 
@@ -50,9 +51,12 @@ def autocast_dtype(opts: argparse.Namespace) -> torch.dtype | None:
     return torch.float16 if opts.precision == "autocast" and opts.device.type != "cpu" else None
 
 
-def generate(opts: argparse.Namespace, model, prompts: list[str],
-             init_image: torch.Tensor | None = None) -> Iterator[tuple[int, list[str], torch.Tensor]]:
-    """(batch number, prompts, latents) for every batch of the run (ldm.pipeline.generate with the flags)."""
+def generate(opts: argparse.Namespace, model, prompts: list[str], init_image=None,
+             mode: str = "txt2img") -> Iterator[tuple[int, list[str], torch.Tensor]]:
+    """(batch number, prompts, latents) for every batch of the run (ldm.pipeline.generate with the flags;
+    inpaint: `init_image` is (image, mask), ldm.inpaint.generate)."""
+    if mode == "inpaint":
+        return inpaint_cli.generate(opts, model, prompts, *init_image, autocast=autocast_dtype(opts))
     return pipeline.generate(
         model, prompts, n_samples=opts.n_samples, latent_shape=(opts.C, opts.H // opts.f, opts.W // opts.f),
         seed=opts.seed, n_iter=opts.n_iter, fixed_code=opts.fixed_code, init_image=init_image,
@@ -75,12 +79,14 @@ def file_hashes(opts: argparse.Namespace, mode: str) -> dict[str, str]:
         hashes.update({"VAE hash": png_info.file_hash(opts.vae), "VAE": os.path.basename(opts.vae)})
     if mode == "img2img":
         hashes.update({"Init image": opts.init_img, "Init image hash": png_info.file_hash(opts.init_img)})
+    if mode == "inpaint":
+        hashes.update(inpaint_cli.file_hashes(opts))
     return hashes
 
 
 def prepare(opts: argparse.Namespace, mode: str, before_load=None):
-    """Validate, read the inputs and load the model: (model, prompts, init image or None). Writes nothing.
-    `before_load()` runs once the inputs are read (rerun checks hashes there)."""
+    """Validate, read the inputs and load the model: (model, prompts, init image or None; inpaint: (image,
+    mask)). Writes nothing. `before_load()` runs once the inputs are read (rerun checks hashes there)."""
     inputs.validate(opts, mode)
     prompts = inputs.read_prompts(opts)
     extras.validate(opts, prompts)
@@ -88,10 +94,15 @@ def prepare(opts: argparse.Namespace, mode: str, before_load=None):
     if mode == "img2img":
         init_image = inputs.load_init_image(opts.init_img, opts.W, opts.H)
         opts.H, opts.W = init_image.shape[2:]
+    if mode == "inpaint":
+        init_image = inpaint_cli.read_inputs(opts)
     if before_load is not None:
         before_load()
-    model = load(opts)
-    inputs.check_run(opts, model)
+    model = load(opts, mode)
+    if mode == "inpaint":
+        inpaint_cli.check_run(opts, model, init_image[1])
+    else:
+        inputs.check_run(opts, model)
     opts.text = extras.prepare(opts, model, prompts)  # ldm.prompts.TextOptions, None for the original's
     if opts.prompt_syntax == "plain":  # the a1111 syntax reads long prompts in chunks of 75 tokens
         inputs.warn_long_prompts(model, prompts + [opts.negative_prompt])
@@ -103,7 +114,7 @@ def run(opts: argparse.Namespace, mode: str) -> None:
     hashes = file_hashes(opts, mode) if not (opts.skip_save and opts.skip_grid) else {}
     sample_dir = os.path.join(opts.outdir, "samples")
     grid_images, first_info = [], None
-    for batch, chunk, latents in generate(opts, model, prompts, init_image):
+    for batch, chunk, latents in generate(opts, model, prompts, init_image, mode):
         images = decode(opts, model, latents)
         batch_hashes = {**hashes, **extras.batch_fields(opts, model, opts.text, chunk)} if hashes else hashes
         infos = [record.infotext(vars(opts), prompt, batch, pos, batch_hashes) for pos, prompt in enumerate(chunk)]
@@ -144,3 +155,8 @@ def txt2img_main(argv: list[str] | None = None) -> None:
 def img2img_main(argv: list[str] | None = None) -> None:
     opts = build_parser("img2img").parse_args(argv)
     errors_as_one_line("img2img.py", run, opts, "img2img")
+
+
+def inpaint_main(argv: list[str] | None = None) -> None:
+    opts = build_parser("inpaint").parse_args(argv)
+    errors_as_one_line("inpaint.py", run, opts, "inpaint")

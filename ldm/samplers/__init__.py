@@ -20,6 +20,12 @@ img2img noises the init latent ("encode") and the UNet timestep mapping ("timing
 (ddpm, ddim, plms, dpm_solver, unipc) starts from the VP x_T at their first timestep, x = x_T * sqrt(1 +
 sigmas[0]^2), and ends at sigma > 0 (alphas_cumprod[0]); the k-family starts from x_T * sigmas[0] and ends at
 sigma = 0, where VE = VP. Either way the result is converted back to VP, the latent the originals decode.
+
+A per-step hook (`before_step(x, i, sigma) -> x`, e.g. the masked img2img blend of ldm/inpaint.py, which is
+the DDIMSampler's `mask`/`x0` blend) changes x before every step. The sampler functions stay untouched: a
+`stepwise` sampler, whose step i reads only x, sigmas[i] and sigmas[i + 1], is run one step at a time on
+sigmas[i:i + 2] with the hook in between, which is the same run. Samplers that carry state from step to step
+(history of the multistep methods, PLMS) are refused with the hook.
 """
 
 from __future__ import annotations
@@ -51,7 +57,10 @@ class SamplerSpec:
     integer timesteps; log_alpha: DPM-Solver's continuous time; the k-family keeps the fractional default).
     fixed: keyword arguments always passed to fn. options: keyword options a caller may set, with their
     defaults. stochastic: draws noise with the default options; `noise_option` names the option that, set
-    non-zero, makes a deterministic sampler draw noise (ddim's eta, euler's churn)."""
+    non-zero, makes a deterministic sampler draw noise (ddim's eta, euler's churn). stepwise: step i reads only
+    x, sigmas[i] and sigmas[i + 1], so a run may be cut between steps (`before_step` hooks). idle_draw: the
+    original draws its step noise even when it multiplies it by 0 (CompVis p_sample_ddim at eta 0); with a
+    hook, whose own draws interleave with the steps', such a step draws it too, to keep the original's order."""
 
     fn: Callable
     grid: str
@@ -62,6 +71,8 @@ class SamplerSpec:
     fixed: dict = field(default_factory=dict)
     options: dict = field(default_factory=dict)
     noise_option: str | None = None
+    stepwise: bool = False
+    idle_draw: bool = False
 
     def __post_init__(self):
         if self.grid not in schedules.GRIDS or self.start not in STARTS or self.encode not in ENCODINGS:
@@ -84,24 +95,25 @@ _INTEGER = {"quantize": True}
 _CONTINUOUS = {"quantize": False, "interpolation": "log_alpha"}
 _ORIGINAL = dict(start="vp", encode="vp", timing=_INTEGER)
 _K = dict(grid="k", start="sigma", encode="ve")
+_STEPWISE = dict(stepwise=True)
 SAMPLERS: dict[str, SamplerSpec] = {
-    "ddpm": SamplerSpec(sample_ddpm, "ddpm", stochastic=True, **_ORIGINAL),
+    "ddpm": SamplerSpec(sample_ddpm, "ddpm", stochastic=True, **_ORIGINAL, **_STEPWISE),
     "ddim": SamplerSpec(sample_ddim, "ddim", **{**_ORIGINAL, "encode": "ddim"}, options={"eta": 0.0},
-                        noise_option="eta"),
+                        noise_option="eta", **_STEPWISE, idle_draw=True),
     "plms": SamplerSpec(sample_plms, "ddim", **{**_ORIGINAL, "encode": "ddim"}),
     # the original --dpm_solver: Stability's DPMSolverSampler, DPM-Solver++(2M) with lower_order_final
     "dpm_solver": SamplerSpec(sample_dpmpp_2m, "dpm_solver", start="vp", encode="vp", timing=_CONTINUOUS,
                               fixed={"lower_order_final": True}),
     "unipc": SamplerSpec(sample_unipc, "dpm_solver", start="vp", encode="vp", timing=_CONTINUOUS),
-    "euler": SamplerSpec(sample_euler, **_K, options=dict(CHURN), noise_option="s_churn"),
-    "euler_a": SamplerSpec(sample_euler_ancestral, **_K, stochastic=True),
-    "heun": SamplerSpec(sample_heun, **_K, options=dict(CHURN), noise_option="s_churn"),
-    "dpm2": SamplerSpec(sample_dpm_2, **_K, options=dict(CHURN), noise_option="s_churn"),
-    "dpm2_a": SamplerSpec(sample_dpm_2_ancestral, **_K, stochastic=True),
+    "euler": SamplerSpec(sample_euler, **_K, options=dict(CHURN), noise_option="s_churn", **_STEPWISE),
+    "euler_a": SamplerSpec(sample_euler_ancestral, **_K, stochastic=True, **_STEPWISE),
+    "heun": SamplerSpec(sample_heun, **_K, options=dict(CHURN), noise_option="s_churn", **_STEPWISE),
+    "dpm2": SamplerSpec(sample_dpm_2, **_K, options=dict(CHURN), noise_option="s_churn", **_STEPWISE),
+    "dpm2_a": SamplerSpec(sample_dpm_2_ancestral, **_K, stochastic=True, **_STEPWISE),
     "lms": SamplerSpec(sample_lms, **_K),
-    "dpmpp_2s_a": SamplerSpec(sample_dpmpp_2s_ancestral, **_K, stochastic=True),
+    "dpmpp_2s_a": SamplerSpec(sample_dpmpp_2s_ancestral, **_K, stochastic=True, **_STEPWISE),
     "dpmpp_2m": SamplerSpec(sample_dpmpp_2m, **_K),
-    "dpmpp_sde": SamplerSpec(sample_dpmpp_sde, **_K, stochastic=True),
+    "dpmpp_sde": SamplerSpec(sample_dpmpp_sde, **_K, stochastic=True, **_STEPWISE),
     "dpmpp_2m_sde": SamplerSpec(sample_dpmpp_2m_sde, **_K, stochastic=True, options={"solver_type": "midpoint"}),
     "dpmpp_3m_sde": SamplerSpec(sample_dpmpp_3m_sde, **_K, stochastic=True),
 }
@@ -155,6 +167,23 @@ def _encode(spec, sigmas, x_T, init_latent, strength, steps, generator):
     return x_vp * (1 + tail[0] ** 2).sqrt(), tail
 
 
+def _run_stepwise(spec, sampler, denoiser, x, sigmas, kwargs, extra_args, callback, before_step, generator):
+    """spec.fn one step at a time on sigmas[i:i + 2], with x = before_step(x, i, sigmas[i]) before each step."""
+    if not spec.stepwise:
+        valid = ", ".join(name for name, other in SAMPLERS.items() if other.stepwise)
+        raise ValueError(f"sampler {sampler} carries state from step to step and cannot take a per-step hook "
+                         f"(masked img2img); samplers that can: {valid}")
+    if kwargs.get("s_churn"):  # k-diffusion spreads churn over the run: gamma = s_churn / steps
+        raise ValueError(f"churn (s_churn) depends on the whole run; {sampler} takes a per-step hook without it")
+    for i in range(len(sigmas) - 1):
+        x = before_step(x, i, sigmas[i])
+        step_callback = None if callback is None else (lambda info, i=i: callback({**info, "i": i}))
+        x = spec.fn(denoiser, x, sigmas[i:i + 2], extra_args=extra_args, callback=step_callback, **kwargs)
+        if spec.idle_draw and not spec.is_stochastic(kwargs):
+            randn_like(x, generator)  # the original's step noise, drawn and multiplied by 0
+    return x
+
+
 def _start(spec, sigmas, x_T):
     return x_T * (sigmas[0] if spec.start == "sigma" else (1 + sigmas[0] ** 2).sqrt())
 
@@ -178,7 +207,7 @@ def sample(denoiser, x_T: torch.Tensor | None, *, sampler: str = "ddim", steps: 
            schedule: str = "uniform", eta: float = 0.0, options: dict | None = None,
            generator: torch.Generator | None = None, init_latent: torch.Tensor | None = None,
            strength: float | None = None, callback: Callable | None = None, disable: bool = False,
-           extra_args: dict | None = None) -> torch.Tensor:
+           extra_args: dict | None = None, before_step: Callable | None = None) -> torch.Tensor:
     """Run `sampler` for `steps` and return the VP latent the original would decode.
 
     denoiser: a Denoiser / CFGDenoiser (needs .sigmas and .replace); extra_args go to it (cond, uncond, ...).
@@ -186,7 +215,8 @@ def sample(denoiser, x_T: torch.Tensor | None, *, sampler: str = "ddim", steps: 
     drawn from `generator` if None. callback(info) once per step with k-diffusion's dict (x, i, sigma,
     sigma_hat, denoised); disable turns the progress bar off. schedule: one of the sampler's grid's
     (SAMPLERS[name].valid_schedules). eta: DDIM's eta (ddim only); options: the sampler's other options
-    (SamplerSpec.options: churn for euler/heun/dpm2, solver_type for dpmpp_2m_sde).
+    (SamplerSpec.options: churn for euler/heun/dpm2, solver_type for dpmpp_2m_sde). before_step(x, i, sigma):
+    returns the VE x that step i (at level sigma) starts from; `stepwise` samplers only (see the module doc).
     """
     spec = get(sampler)
     kwargs = resolve_options(spec, sampler, eta, options)
@@ -206,7 +236,11 @@ def sample(denoiser, x_T: torch.Tensor | None, *, sampler: str = "ddim", steps: 
         kwargs["generator"] = generator
     step_callback, bar = _progress(callback, len(sigmas) - 1, disable)
     try:
-        x = spec.fn(denoiser, x, sigmas, extra_args=extra_args, callback=step_callback, **kwargs)
+        if before_step is None:
+            x = spec.fn(denoiser, x, sigmas, extra_args=extra_args, callback=step_callback, **kwargs)
+        else:
+            x = _run_stepwise(spec, sampler, denoiser, x, sigmas, kwargs, extra_args, step_callback, before_step,
+                              generator)
     finally:
         if bar is not None:
             bar.close()
