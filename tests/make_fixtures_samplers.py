@@ -281,7 +281,8 @@ def k_runs(kd, toy, alphas_cumprod, inputs):
         out = getattr(kd.sampling, fn_name)(cfg, x, sigmas, extra_args=extra_args, disable=True, **kwargs,
                                             **options)
         cases[case] = dict(sampler=K_NAMES[fn_name], steps=steps, schedule=schedule, parameterization=param,
-                           quantize=quantize, scale=scale, seed=seed, out=out, sigmas=sigmas, options=options)
+                           quantize=quantize, scale=scale, seed=seed, out=out, sigmas=sigmas, options=options,
+                           after=torch.randn(8))
     return cases
 
 
@@ -291,6 +292,9 @@ def original_runs(refs, toy, inputs):
     cond, uncond, x_T = inputs["cond"], inputs["uncond"], inputs["x_T"]
 
     def record(case, sampler, steps, schedule, seed, out, log, parameterization="eps", scale=SCALE, **extra):
+        # `after`: the next numbers of the global RNG once the run is done, so a test can check that a run
+        # consumes its generator exactly as the original consumes the RNG (the next batch of a run starts there)
+        extra["after"] = torch.randn(8)
         cases[case] = dict(sampler=sampler, steps=steps, schedule=schedule, parameterization=parameterization,
                            scale=scale, seed=seed, out=out, t=torch.stack(log), **extra)
 
@@ -338,6 +342,7 @@ def original_runs(refs, toy, inputs):
         log = []
         model = fake_model(st["ddpm"], toy, param, log)
         sampler = refs["dpm_sampler"].DPMSolverSampler(model, device=torch.device("cpu"))
+        torch.manual_seed(0)
         out, _ = sampler.sample(steps, x_T.shape[0], x_T.shape[1:], conditioning=cond, verbose=False,
                                 unconditional_guidance_scale=scale, unconditional_conditioning=uncond, x_T=x_T)
         record(case, "dpm_solver", steps, "uniform", 0, out, log, param, scale)
@@ -361,6 +366,7 @@ def original_runs(refs, toy, inputs):
                                     guidance_type="classifier-free", condition=cond,
                                     unconditional_condition=uncond, guidance_scale=SCALE)
         solver = up.UniPC(model_fn, ns, algorithm_type="data_prediction", variant="bh2")
+        torch.manual_seed(0)
         out = solver.sample(x_T.clone(), steps=steps, skip_type="time_uniform", method="multistep",
                             order=3, lower_order_final=True)
         record(case, "unipc", steps, "uniform", 0, out, [torch.zeros(2)])

@@ -281,19 +281,24 @@ def test_sampler_options_are_checked():
 
 
 @pytest.mark.parametrize("sampler", ["euler", "heun", "dpm2"])
-def test_churn_off_draws_nothing_on_draws_at_every_step(sampler):
-    """As k-diffusion 0.1.1: with churn on, eps is drawn at every step (also where s_tmin/s_tmax make gamma 0),
-    so the generator has advanced by one draw per step; off, the sampler is deterministic and draws nothing
-    (the next batch of a run sees the same generator state as before churn existed)."""
+def test_churn_noise_is_drawn_at_every_step_on_or_off(sampler):
+    """As k-diffusion 0.1.1 (sample_euler's `eps = torch.randn_like(x) * s_noise` before every step): the churn
+    noise is drawn at every step, used only where gamma > 0, so the generator advances by one draw per step
+    whether churn is on or off (the next batch of a run starts where k-diffusion's would); churn off changes
+    no value of the run."""
     spec = samplers.SAMPLERS[sampler]
     assert not spec.is_stochastic() and spec.is_stochastic({"s_churn": 1.0})
-    g = torch.Generator().manual_seed(4)
-    before = g.get_state()
-    samplers.sample(denoiser(), x_T(), sampler=sampler, steps=5, schedule="karras", generator=g, disable=True)
-    assert torch.equal(g.get_state(), before)
-    samplers.sample(denoiser(), x_T(), sampler=sampler, steps=5, schedule="karras", generator=g, disable=True,
-                    options={"s_churn": 1.0, "s_tmin": 1.0, "s_tmax": 5.0})
     reference = torch.Generator().manual_seed(4)
     for _ in range(5):
         torch.randn(x_T().shape, generator=reference)
-    assert torch.equal(g.get_state(), reference.get_state())
+    outs = []
+    for options in ({}, {"s_churn": 1.0, "s_tmin": 1.0, "s_tmax": 5.0}):
+        g = torch.Generator().manual_seed(4)
+        outs.append(samplers.sample(denoiser(), x_T(), sampler=sampler, steps=5, schedule="karras", generator=g,
+                                    disable=True, options=options))
+        assert torch.equal(g.get_state(), reference.get_state())
+    # off: the same run as one that ignores the generator altogether
+    torch.testing.assert_close(outs[0], samplers.sample(denoiser(), x_T(), sampler=sampler, steps=5,
+                                                        schedule="karras", generator=None, disable=True),
+                               rtol=0, atol=0)
+    assert (outs[1] - outs[0]).abs().max() > 1e-3

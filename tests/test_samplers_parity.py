@@ -54,18 +54,20 @@ _RUNS = {}
 
 
 def cached_run(fx, name):
-    """(output, timesteps the UNet saw) of our run of a fixture case, computed once per session."""
+    """(output, timesteps the UNet saw, the generator's next 8 numbers) of our run of a fixture case, computed
+    once per session."""
     if name not in _RUNS:
-        log = []
-        _RUNS[name] = run(fx, fx["cases"][name], log), log
+        log, generator = [], torch.Generator().manual_seed(fx["cases"][name]["seed"])
+        out = run(fx, fx["cases"][name], log, generator)
+        _RUNS[name] = out, log, torch.randn(8, generator=generator)
     return _RUNS[name]
 
 
-def run(fx, case, log=None):
+def run(fx, case, log=None, generator=None):
     inputs = fx["inputs"]
+    generator = torch.Generator().manual_seed(case["seed"]) if generator is None else generator
     kwargs = dict(sampler=case["sampler"], steps=case["steps"], schedule=case["schedule"],
-                  eta=case.get("eta", 0.0), options=case.get("options"),
-                  generator=torch.Generator().manual_seed(case["seed"]), disable=True)
+                  eta=case.get("eta", 0.0), options=case.get("options"), generator=generator, disable=True)
     if "strength" in case:
         return samplers.sample(make_denoiser(fx, case, log), None, init_latent=inputs["init"],
                                strength=case["strength"], **kwargs)
@@ -87,6 +89,15 @@ def test_sampler_matches_reference(fx, name):
     diff, scale = (out - case["out"]).abs().max().item(), case["out"].abs().max().item()
     print(f"{name}: max abs diff {diff:.2e}, relative {diff / scale:.1e} (reference max {scale:.1f})")
     assert diff < RTOL * scale
+
+
+@pytest.mark.parametrize("name", K_CASES + ORIGINAL_CASES + ["unipc"])
+def test_generator_is_consumed_as_the_original_consumes_its_rng(fx, name):
+    """After a run, the generator is where the original left the global RNG (the fixture's next 8 numbers), so
+    the next batch of a multi-batch run (txt2img --n_iter 2, the default) starts from the original's numbers:
+    the originals draw step noise they multiply by zero (DDIM at eta 0, PLMS, k-diffusion's euler/heun/dpm_2
+    churn noise, DDPM's last step) and so do we; dpm_solver and UniPC draw nothing."""
+    assert torch.equal(cached_run(fx, name)[2], fx["cases"][name]["after"])
 
 
 @pytest.mark.parametrize("name", ["unipc", "unipc_20"])

@@ -58,9 +58,10 @@ class SamplerSpec:
     fixed: keyword arguments always passed to fn. options: keyword options a caller may set, with their
     defaults. stochastic: draws noise with the default options; `noise_option` names the option that, set
     non-zero, makes a deterministic sampler draw noise (ddim's eta, euler's churn). stepwise: step i reads only
-    x, sigmas[i] and sigmas[i + 1], so a run may be cut between steps (`before_step` hooks). idle_draw: the
-    original draws its step noise even when it multiplies it by 0 (CompVis p_sample_ddim at eta 0); with a
-    hook, whose own draws interleave with the steps', such a step draws it too, to keep the original's order."""
+    x, sigmas[i] and sigmas[i + 1], so a run may be cut between steps (`before_step` hooks). idle_draw: fn draws
+    step noise even when it multiplies it by 0, as its original does (CompVis p_sample_ddim at eta 0, plms.py,
+    k-diffusion's euler/heun/dpm_2 churn noise), so a run consumes the generator as the original consumes its
+    RNG and the next batch of a run starts from the same numbers; such a fn takes the generator always."""
 
     fn: Callable
     grid: str
@@ -84,7 +85,7 @@ class SamplerSpec:
 
     @property
     def takes_generator(self) -> bool:
-        return self.stochastic or self.noise_option is not None
+        return self.stochastic or self.idle_draw or self.noise_option is not None
 
     def is_stochastic(self, options: dict | None = None) -> bool:
         """Whether a run with these options draws noise (does not converge to the ODE solution)."""
@@ -97,18 +98,21 @@ _ORIGINAL = dict(start="vp", encode="vp", timing=_INTEGER)
 _K = dict(grid="k", start="sigma", encode="ve")
 _STEPWISE = dict(stepwise=True)
 SAMPLERS: dict[str, SamplerSpec] = {
-    "ddpm": SamplerSpec(sample_ddpm, "ddpm", stochastic=True, **_ORIGINAL, **_STEPWISE),
+    "ddpm": SamplerSpec(sample_ddpm, "ddpm", stochastic=True, **_ORIGINAL, **_STEPWISE, idle_draw=True),
     "ddim": SamplerSpec(sample_ddim, "ddim", **{**_ORIGINAL, "encode": "ddim"}, options={"eta": 0.0},
                         noise_option="eta", **_STEPWISE, idle_draw=True),
-    "plms": SamplerSpec(sample_plms, "ddim", **{**_ORIGINAL, "encode": "ddim"}),
+    "plms": SamplerSpec(sample_plms, "ddim", **{**_ORIGINAL, "encode": "ddim"}, idle_draw=True),
     # the original --dpm_solver: Stability's DPMSolverSampler, DPM-Solver++(2M) with lower_order_final
     "dpm_solver": SamplerSpec(sample_dpmpp_2m, "dpm_solver", start="vp", encode="vp", timing=_CONTINUOUS,
                               fixed={"lower_order_final": True}),
     "unipc": SamplerSpec(sample_unipc, "dpm_solver", start="vp", encode="vp", timing=_CONTINUOUS),
-    "euler": SamplerSpec(sample_euler, **_K, options=dict(CHURN), noise_option="s_churn", **_STEPWISE),
+    "euler": SamplerSpec(sample_euler, **_K, options=dict(CHURN), noise_option="s_churn", **_STEPWISE,
+                         idle_draw=True),
     "euler_a": SamplerSpec(sample_euler_ancestral, **_K, stochastic=True, **_STEPWISE),
-    "heun": SamplerSpec(sample_heun, **_K, options=dict(CHURN), noise_option="s_churn", **_STEPWISE),
-    "dpm2": SamplerSpec(sample_dpm_2, **_K, options=dict(CHURN), noise_option="s_churn", **_STEPWISE),
+    "heun": SamplerSpec(sample_heun, **_K, options=dict(CHURN), noise_option="s_churn", **_STEPWISE,
+                        idle_draw=True),
+    "dpm2": SamplerSpec(sample_dpm_2, **_K, options=dict(CHURN), noise_option="s_churn", **_STEPWISE,
+                        idle_draw=True),
     "dpm2_a": SamplerSpec(sample_dpm_2_ancestral, **_K, stochastic=True, **_STEPWISE),
     "lms": SamplerSpec(sample_lms, **_K),
     "dpmpp_2s_a": SamplerSpec(sample_dpmpp_2s_ancestral, **_K, stochastic=True, **_STEPWISE),
@@ -167,7 +171,7 @@ def _encode(spec, sigmas, x_T, init_latent, strength, steps, generator):
     return x_vp * (1 + tail[0] ** 2).sqrt(), tail
 
 
-def _run_stepwise(spec, sampler, denoiser, x, sigmas, kwargs, extra_args, callback, before_step, generator):
+def _run_stepwise(spec, sampler, denoiser, x, sigmas, kwargs, extra_args, callback, before_step):
     """spec.fn one step at a time on sigmas[i:i + 2], with x = before_step(x, i, sigmas[i]) before each step."""
     if not spec.stepwise:
         valid = ", ".join(name for name, other in SAMPLERS.items() if other.stepwise)
@@ -179,8 +183,6 @@ def _run_stepwise(spec, sampler, denoiser, x, sigmas, kwargs, extra_args, callba
         x = before_step(x, i, sigmas[i])
         step_callback = None if callback is None else (lambda info, i=i: callback({**info, "i": i}))
         x = spec.fn(denoiser, x, sigmas[i:i + 2], extra_args=extra_args, callback=step_callback, **kwargs)
-        if spec.idle_draw and not spec.is_stochastic(kwargs):
-            randn_like(x, generator)  # the original's step noise, drawn and multiplied by 0
     return x
 
 
@@ -239,8 +241,7 @@ def sample(denoiser, x_T: torch.Tensor | None, *, sampler: str = "ddim", steps: 
         if before_step is None:
             x = spec.fn(denoiser, x, sigmas, extra_args=extra_args, callback=step_callback, **kwargs)
         else:
-            x = _run_stepwise(spec, sampler, denoiser, x, sigmas, kwargs, extra_args, step_callback, before_step,
-                              generator)
+            x = _run_stepwise(spec, sampler, denoiser, x, sigmas, kwargs, extra_args, step_callback, before_step)
     finally:
         if bar is not None:
             bar.close()

@@ -41,16 +41,18 @@ def sample_ddpm(denoiser, x, sigmas, *, extra_args=None, callback=None, generato
             callback(step_info(x, i, sigma, denoised))
         r = sigma_next**2 / sigma**2
         x = r * x + (1 - r) * denoised
+        noise = randn_like(x, generator)  # drawn at every step, the last too, as p_sample's noise_like
         if sigma_next > 0:  # no noise on the last step to x_0, as p_sample's nonzero_mask
-            x = x + sigma_next * (1 - r).sqrt() * randn_like(x, generator)
+            x = x + sigma_next * (1 - r).sqrt() * noise
     return x
 
 
 @torch.no_grad()
 def sample_ddim(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None, eta=0.0):
     """DDIM (Song et al. 2021, eq. 12) as ddim.py p_sample_ddim. eta = 0 is deterministic (an Euler step
-    of dx/dsigma = eps); eta = 1 is the DDPM posterior. Noise is drawn only when it is used (the original
-    also draws, and multiplies by zero, when eta = 0)."""
+    of dx/dsigma = eps); eta = 1 is the DDPM posterior. As the original, the step noise is drawn at every step,
+    also when eta = 0 multiplies it by zero: a run consumes `generator` as the original consumes its RNG, so the
+    next batch of a run starts from the same numbers."""
     extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
@@ -62,17 +64,20 @@ def sample_ddim(denoiser, x, sigmas, *, extra_args=None, callback=None, generato
         sigma_up = eta * sigma_next * (1 - sigma_next**2 / sigma**2).clamp(min=0).sqrt()
         sigma_down = (sigma_next**2 - sigma_up**2).sqrt()
         x = denoised + sigma_down * eps
+        noise = randn_like(x, generator)
         if sigma_up > 0:
-            x = x + sigma_up * randn_like(x, generator)
+            x = x + sigma_up * noise
     return x
 
 
 @torch.no_grad()
-def sample_plms(denoiser, x, sigmas, *, extra_args=None, callback=None):
+def sample_plms(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None):
     """PLMS (Liu et al. 2022, "pseudo numerical methods") as plms.py: a DDIM step (eta 0) whose eps is the
     Adams-Bashforth combination of the current and up to three previous eps. The first step has no history
     and uses the "pseudo improved Euler" step: the average of eps here and eps after a trial DDIM step
-    (a Heun step in sigma), one extra model call."""
+    (a Heun step in sigma), one extra model call. Deterministic, but as plms.py's get_x_prev_and_pred_x0 it
+    draws (and multiplies by zero) step noise for every DDIM step it takes, the trial step too, so that a run
+    consumes `generator` as the original consumes its RNG."""
     extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones([x.shape[0]])
     n = len(sigmas) - 1
@@ -90,6 +95,7 @@ def sample_plms(denoiser, x, sigmas, *, extra_args=None, callback=None):
             # UNet sees the original's VP input at that timestep (a no-op whenever sigma_eval == sigma_next).
             sigma_eval = sigmas[min(i + 1, n - 1)]
             x_eval = x_next * ((1 + sigma_eval**2) / (1 + sigma_next**2)).sqrt()
+            randn_like(x, generator)  # the trial step's unused noise
             eps_next = (x_eval - denoiser(x_eval, sigma_eval * s_in, **extra_args)) / sigma_eval
             eps_prime = (eps + eps_next) / 2
         elif len(old_eps) == 1:
@@ -99,5 +105,6 @@ def sample_plms(denoiser, x, sigmas, *, extra_args=None, callback=None):
         else:
             eps_prime = (55 * eps - 59 * old_eps[-1] + 37 * old_eps[-2] - 9 * old_eps[-3]) / 24
         x = x + (sigma_next - sigma) * eps_prime
+        randn_like(x, generator)  # the step's unused noise (eta 0)
         old_eps = (old_eps + [eps])[-3:]
     return x

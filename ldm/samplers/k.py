@@ -2,7 +2,8 @@
 
 All integrate the probability-flow ODE dx/dsigma = d = (x - denoised) / sigma or its SDE variants on a VE
 sigma list ending in 0 (notation: ldm/samplers/__init__.py; lambda = -log sigma is `lam`). Churn (s_churn,
-s_tmin, s_tmax, s_noise of euler, heun, dpm_2; Karras et al. 2022, Algorithm 2) is off by default. The
+s_tmin, s_tmax, s_noise of euler, heun, dpm_2; Karras et al. 2022, Algorithm 2) is off by default. Like
+k-diffusion, these three draw that churn noise at every step even when churn is off. The
 ancestral samplers step deterministically down to sigma_down, then add noise of std sigma_up
 (get_ancestral_step, eta 1). Noise comes from `generator` through a noise sampler (sigma, sigma_next) ->
 N(0, I); the SDE samplers default to BrownianNoise, equal in law to k-diffusion's Brownian tree.
@@ -32,11 +33,9 @@ def get_ancestral_step(sigma, sigma_next, eta=1.0):
 
 def _churn(x, sigmas, i, generator, s_churn, s_tmin, s_tmax, s_noise):
     """(x, sigma_hat): Karras et al. 2022 Algorithm 2 lines 4-6, raise the noise level of step i by a factor
-    1 + gamma with fresh noise. As k-diffusion 0.1.1, once churn is on the noise is drawn at EVERY step (also
-    where gamma is 0 outside [s_tmin, s_tmax]), so the draws line up with its; with s_churn 0 nothing is drawn
-    and sigma_hat is sigmas[i] exactly."""
-    if not s_churn:
-        return x, sigmas[i]
+    1 + gamma with fresh noise. As k-diffusion 0.1.1, the noise is drawn at EVERY step, also where gamma is 0
+    (churn off, or outside [s_tmin, s_tmax]), so a run consumes `generator` as k-diffusion consumes its RNG;
+    with gamma 0 it is unused and sigma_hat equals sigmas[i]."""
     gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.0
     eps = randn_like(x, generator) * s_noise
     sigma_hat = sigmas[i] * (gamma + 1)
