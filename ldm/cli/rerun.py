@@ -3,8 +3,10 @@
 The PNG's `parameters` (ldm/cli/record.py) give the txt2img / img2img options of the run, the run's seed, and the
 image's batch number and position. The run is replayed up to that batch through the same code path as
 scripts/txt2img.py (ldm/cli/run.py) and the image is picked; the model, VAE and init image must be the ones the
-image records (their hashes are checked before anything is loaded). Writes OUTDIR/NNNNN.png and says whether it
-is identical to the source.
+image records (their hashes are checked before anything is loaded or decoded). The PNG is treated as untrusted:
+every field is checked first, as a flag would be (its name in the message), a path it records is never opened
+(an img2img result needs --init-img), and what will be replayed is said before the replay starts. Writes
+OUTDIR/NNNNN.png and says whether it is identical to the source.
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ import argparse
 import os
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ldm import pipeline, png_info
-from ldm.cli import inputs, record, run
-from ldm.cli.flags import CLIError, Parser, add_model_flags, build_parser
+from ldm.cli import inputs, limits, record, run
+from ldm.cli.flags import PRECISIONS, CLIError, Parser, add_model_flags, build_parser
+from ldm.cli.interrupt import PROGRESS
+from ldm.models.attention import ATTENTION_BACKENDS
+from ldm.samplers import SAMPLERS
 
 
 def build_parser_rerun() -> argparse.ArgumentParser:
@@ -25,24 +30,56 @@ def build_parser_rerun() -> argparse.ArgumentParser:
                "(writes OUTDIR/NNNNN.png and says whether it is identical to the source).")
     p.add_argument("image", help="a PNG written by txt2img.py / img2img.py / rerun.py")
     add_model_flags(p)  # where the model is now; its hash must match the recorded one
-    p.add_argument("--init-img", type=str, default=None, help="init image of an img2img result "
-                   "(default: the recorded path; its hash must match)")
+    p.add_argument("--init-img", type=str, default=None, help="init image of an img2img result (required for "
+                   "one; its hash must match the recorded one: a path recorded in the PNG is never opened)")
     p.add_argument("--outdir", type=str, default="outputs/rerun-samples", help="dir to write the result to")
     p.add_argument("--device", type=str, default=None, help="torch device (default: CUDA if available, else cpu)")
     return p
 
 
+def _short(text: str, n: int = 60) -> str:
+    """A value from the PNG, cut for a message (the text chunk may be megabytes long)."""
+    return text[:n] + "..." if len(text) > n else text
+
+
+def check_recorded(image: str, values: dict, batch: int, pos: int) -> None:
+    """Every recorded value against what the command line accepts (ranges, finite floats, enums, the batch
+    position within the batch), each error naming the PNG field; before any file is read or hashed."""
+    key_of = {name: key for key, name, _ in (*record.FIELDS, *record.FAST_FIELDS)}
+    key_of.update(H="Size", W="Size")
+
+    def label(name):
+        return f"{image}: parameter {key_of.get(name, name)!r}"
+
+    limits.check_numbers(values, label)
+    choices = {"sampler": sorted(SAMPLERS), "precision": list(PRECISIONS), "attention": list(ATTENTION_BACKENDS)}
+    for name, valid in choices.items():
+        if values.get(name) is not None and values[name] not in valid:
+            raise CLIError(f"{label(name)} is {_short(values[name])!r}; valid: {', '.join(valid)}")
+    schedules = SAMPLERS[values["sampler"]].valid_schedules
+    if values["schedule"] not in schedules:
+        raise CLIError(f"{label('schedule')} is {_short(values['schedule'])!r}; valid for {values['sampler']}: "
+                       f"{', '.join(schedules)}")
+    if not 0 <= batch < limits.MAX_REPLAY_BATCHES:
+        raise CLIError(f"{image}: parameter 'Batch number' must be in [0, {limits.MAX_REPLAY_BATCHES}) (got {batch}): "
+                       "a rerun samples every earlier batch of the run in full")
+    if not 0 <= pos < values["n_samples"]:
+        raise CLIError(f"{image}: parameter 'Batch pos' {pos} is not a position in a batch of "
+                       f"{values['n_samples']} ('Batch size')")
+
+
 def rerun(args: argparse.Namespace) -> None:
     try:
         fields = png_info.parse_parameters(png_info.read_parameters(args.image))
-    except (ValueError, UnidentifiedImageError) as e:
-        raise CLIError(f"cannot read parameters from {args.image}: {e}") from None
+    except (ValueError, OSError, Image.DecompressionBombError) as e:  # incl. truncated and foreign files
+        raise CLIError(f"cannot read parameters from {args.image}: {' '.join(str(e).split())[:200]}") from None
     mode = "img2img" if "Denoising strength" in fields else "txt2img"
     opts = build_parser(mode).parse_args([])
     try:
         values, batch, pos = record.options_from_infotext(fields, vars(opts))
     except ValueError as e:
-        raise CLIError(f"{args.image}: {e}") from None
+        raise CLIError(f"{args.image}: {str(e)[:200]}") from None
+    check_recorded(args.image, values, batch, pos)
     vars(opts).update(values)
     opts.n_iter, opts.from_file = batch + 1, None  # replay the run up to the image's batch
     for name in ("config", "ckpt", "vae", "device", "outdir"):  # where to find things now, not what they were
@@ -50,21 +87,32 @@ def rerun(args: argparse.Namespace) -> None:
     if opts.prepack and inputs.resolve_device(opts.device).type != "cpu":
         opts.prepack = False  # a CPU-only path; elsewhere the plain kernels (rounding may differ anyway)
     if mode == "img2img":  # resized to the recorded size, as the run did (rounding to multiples of 32)
-        opts.init_img = args.init_img or fields.get("Init image")
+        if args.init_img is None:  # never a path from the PNG: it is opened only once its hash matched
+            raise CLIError(f"{args.image} was made by img2img from {_short(fields.get('Init image', '?'), 200)!r}: name "
+                           "that file with --init-img (its hash is checked against the recorded one)")
+        opts.init_img = args.init_img
     if ("VAE hash" in fields) != (opts.vae is not None):
-        raise CLIError(f"the image was made with --vae {fields['VAE']}" if "VAE hash" in fields
+        raise CLIError(f"the image was made with --vae {_short(fields.get('VAE', '?'))}" if "VAE hash" in fields
                        else "the image was made without --vae")
+    print(f"{args.image}: replaying {mode} with seed {opts.seed}: {batch + 1} batch{'es' * (batch > 0)} of "
+          f"{opts.n_samples} at {opts.W}x{opts.H}, {opts.sampler} {opts.ddim_steps} steps, for image {pos} of "
+          f"batch {batch}")
     hashes = {}
 
     def check_hashes():
         hashes.update(run.file_hashes(opts, mode))
         for key, value in hashes.items():
-            if key.endswith("hash") and fields.get(key) != value:
-                raise CLIError(f"{key} {value} differs from the image's {fields.get(key)}")
+            if not key.endswith("hash"):
+                continue
+            if key not in fields:
+                raise CLIError(f"{args.image} records no {key}, so the file given for it cannot be checked")
+            if fields[key] != value:
+                raise CLIError(f"{key} {value} differs from the image's {_short(fields[key])}")
         if mode == "img2img":
             hashes["Init image"] = fields["Init image"]  # keep the recorded name when given elsewhere
 
     model, prompts, init_image = run.prepare(opts, mode, before_load=check_hashes)
+    PROGRESS.start(1)
     for number, _, latents in run.generate(opts, model, prompts, init_image):
         if number == batch:  # earlier batches only advance the generator, as in the original run
             # decode the whole batch, as the run did: kernels may block (and so round) by batch size
@@ -72,6 +120,7 @@ def rerun(args: argparse.Namespace) -> None:
     os.makedirs(opts.outdir, exist_ok=True)
     path = png_info.save_numbered(image, opts.outdir, run.SAMPLE_NAME, run.SAMPLE_TEMPLATE,
                                   record.infotext(vars(opts), opts.prompt, batch, pos, hashes))
+    PROGRESS.wrote()
     with Image.open(args.image) as source:
         same = np.array_equal(np.asarray(source.convert("RGB")), image)
     print(f"{path}: {'identical to' if same else 'DIFFERENT from'} {args.image}")

@@ -19,8 +19,10 @@ import torch
 
 import ldm
 from ldm import fast, pipeline, png_info
-from ldm.cli import inputs, record
+from ldm.cli import inputs, limits, record
 from ldm.cli.flags import PRECISIONS, CLIError, build_parser
+from ldm.cli.interrupt import EXIT_INTERRUPTED, PROGRESS
+from ldm.config import load_config
 
 SAMPLE_NAME, SAMPLE_TEMPLATE = r"(\d{5,})\.png", "{:05}.png"
 GRID_NAME, GRID_TEMPLATE = r"grid-(\d{4,})\.png", "grid-{:04}.png"
@@ -80,23 +82,35 @@ def file_hashes(opts: argparse.Namespace, mode: str) -> dict[str, str]:
 
 def prepare(opts: argparse.Namespace, mode: str, before_load=None):
     """Validate, read the inputs and load the model: (model, prompts, init image or None). Writes nothing.
-    `before_load()` runs once the inputs are read (rerun checks hashes there)."""
+    `before_load()` runs once the flags are checked, before the init image is decoded (rerun checks the
+    hashes of the files it was given there)."""
     inputs.validate(opts, mode)
     prompts = inputs.read_prompts(opts)
+    # the sizes that drive allocations, against the device's memory: from the config, nothing loaded yet
+    cfg, n_images = load_config(opts.config), run_images(opts, len(prompts))
+    if opts.H is not None and opts.W is not None:
+        limits.check_memory(opts, cfg, n_images)
+    if before_load is not None:
+        before_load()
     init_image = None
     if mode == "img2img":
         init_image = inputs.load_init_image(opts.init_img, opts.W, opts.H)
         opts.H, opts.W = init_image.shape[2:]
-    if before_load is not None:
-        before_load()
+        limits.check_memory(opts, cfg, n_images)
     model = load(opts)
     inputs.check_run(opts, model)
     inputs.warn_long_prompts(model, prompts + [opts.negative_prompt])
     return model, prompts, init_image
 
 
+def run_images(opts: argparse.Namespace, n_prompts: int) -> int:
+    """How many images the run makes (n_iter passes over the prompts)."""
+    return opts.n_iter * n_prompts
+
+
 def run(opts: argparse.Namespace, mode: str) -> None:
     model, prompts, init_image = prepare(opts, mode)
+    PROGRESS.start(run_images(opts, len(prompts)) * (not opts.skip_save) + (not opts.skip_grid))
     hashes = file_hashes(opts, mode) if not (opts.skip_save and opts.skip_grid) else {}
     sample_dir = os.path.join(opts.outdir, "samples")
     grid_images, first_info = [], None
@@ -108,6 +122,7 @@ def run(opts: argparse.Namespace, mode: str) -> None:
             os.makedirs(sample_dir, exist_ok=True)
             for image, info in zip(pipeline.to_uint8(images), infos):
                 png_info.save_numbered(image, sample_dir, SAMPLE_NAME, SAMPLE_TEMPLATE, info)
+                PROGRESS.wrote()
         if not opts.skip_grid:
             grid_images.append(images)
     if not opts.skip_grid:
@@ -116,20 +131,26 @@ def run(opts: argparse.Namespace, mode: str) -> None:
         os.makedirs(opts.outdir, exist_ok=True)
         # the grid carries the first image's parameters (as A1111's grids)
         png_info.save_numbered(pipeline.to_uint8(grid[None])[0], opts.outdir, GRID_NAME, GRID_TEMPLATE, first_info)
+        PROGRESS.wrote()
     print(f"Your samples are ready and waiting for you here: \n{opts.outdir} \n \nEnjoy.")
 
 
 def errors_as_one_line(prog: str, body, *args) -> None:
-    """Run body(*args); expected failures become `prog: error: ...` on stderr and exit status 1."""
+    """Run body(*args); expected failures become `prog: error: ...` on stderr and exit status 1, Ctrl-C one
+    line and exit status 130 (ldm/cli/interrupt.py)."""
     from ldm.checkpoint import CheckpointError
     from ldm.config import ConfigError
 
+    PROGRESS.reset()
     try:
         body(*args)
     except (CLIError, CheckpointError, ConfigError, OSError) as e:
         message = " ".join(str(e).split()) or type(e).__name__
         sys.stderr.write(f"{prog}: error: {message}\n")
         sys.exit(1)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{prog}: {PROGRESS.message()}\n")
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def txt2img_main(argv: list[str] | None = None) -> None:
