@@ -34,11 +34,11 @@ import io
 import pickle
 import reprlib
 
-MAX_DEPTH = 256  # real checkpoints nest < 30 levels (Lightning dicts, omegaconf configs); C recursion is safe far beyond
+MAX_DEPTH = 256  # real checkpoints nest < 30 levels (Lightning dicts, omegaconf configs); C recursion is safe
 MAX_MEMO = 1 << 20  # memo entries; a full SDXL training checkpoint with optimizer state needs ~90,000
 HASH_BUDGET = 1 << 22  # objects visited by hash() over a whole load; real keys are strings (1 each)
-PICKLE_FLOOR = 4 << 20  # bytes a pickle may span whatever the file holds; real data.pkl: 0.2-1 MB
-PICKLE_PER_DATA_BYTE = 1 / 1024  # ... plus this much per byte of tensor data the file holds
+PICKLE_FLOOR = 2 << 20  # bytes a pickle may span whatever the file holds; real data.pkl: 0.1-1 MB
+PICKLE_PER_DATA_BYTE = 1 / 4096  # ... plus this much per byte of tensor data the file holds (SD v1: 0.03%)
 
 _brief = reprlib.Repr()
 _brief.maxlevel, _brief.maxtuple, _brief.maxlist, _brief.maxdict, _brief.maxset = 2, 4, 4, 4, 4
@@ -112,42 +112,48 @@ class BoundedUnpickler(pickle._Unpickler):
                                          "(shared references expand exponentially)")
 
     def _measure(self, obj) -> tuple[int, int]:
-        # iterative post-order over the tuples/frozensets below obj, each distinct one measured once
-        if not isinstance(obj, (tuple, frozenset)):
+        # iterative post-order over the tuples/frozensets below obj, each distinct one measured once; a path
+        # longer than MAX_DEPTH is refused as soon as it is seen
+        containers = (tuple, frozenset)
+        if not isinstance(obj, containers):
             return 1, 0
         if id(obj) in self._measured:
             return self._measured[id(obj)][1]
-        cap = HASH_BUDGET + 1  # costs saturate here: only "too expensive" matters beyond it
-        todo = [(obj, False)]
+        cap = HASH_BUDGET + 1  # costs saturate here: beyond it only "too expensive" matters
+        todo = [(obj, 1, False)]
         while todo:
-            node, children_done = todo.pop()
+            node, level, expanded = todo.pop()
             if id(node) in self._measured:
                 continue
-            inner = [c for c in node if isinstance(c, (tuple, frozenset))]
-            if not children_done:
-                todo.append((node, True))
-                todo.extend((c, False) for c in inner if id(c) not in self._measured)
+            if level > MAX_DEPTH:
+                raise pickle.UnpicklingError(f"the pickle hashes an object nested more than {MAX_DEPTH} deep")
+            if not expanded:
+                todo.append((node, level, True))
+                todo.extend((c, level + 1, False) for c in node
+                            if isinstance(c, containers) and id(c) not in self._measured)
                 continue
-            cost, depth = 1 + len(node) - len(inner), 0
-            for child in inner:
-                child_cost, child_depth = self._measured[id(child)][1]
-                cost, depth = min(cost + child_cost, cap), max(depth, child_depth)
+            cost, depth = 1, 0
+            for child in node:
+                if isinstance(child, containers):
+                    child_cost, child_depth = self._measured[id(child)][1]
+                    cost, depth = min(cost + child_cost, cap), max(depth, child_depth)
+                else:
+                    cost += 1
             self._measured[id(node)] = (node, (cost, depth + 1))
         return self._measured[id(obj)][1]
 
     # -------------------------------------------------------------------------------------- opcodes
+    container_kinds = (list, tuple, dict, set, frozenset)  # what the nesting check walks into
+
     def load(self):
         obj = super().load()
-        check_nesting(obj, self.contents)
+        if isinstance(obj, self.container_kinds):
+            check_nesting(obj, self.contents, self.container_kinds)
         return obj
 
     def contents(self, obj):
-        """The objects `obj` holds, for the nesting check (None for a leaf)."""
-        if isinstance(obj, (list, tuple, set, frozenset)):
-            return obj
-        if isinstance(obj, dict):
-            return [*obj.keys(), *obj.values()]
-        return None
+        """The objects a container holds, for the nesting check."""
+        return [*obj.keys(), *obj.values()] if isinstance(obj, dict) else obj
 
     def _memo_check(self):
         if len(self.memo) > MAX_MEMO:
@@ -264,31 +270,76 @@ class BoundedUnpickler(pickle._Unpickler):
     del _op, _wrap_memo
 
 
-def check_nesting(obj, contents) -> None:
-    """Raise UnpicklingError when `obj` nests containers more than MAX_DEPTH deep. Iterative, each object
-    visited once (the longest path below it memoized), so neither depth nor sharing can blow it up.
-    `contents(x)` gives what x holds (None for a leaf)."""
-    depth_of = {}  # id -> longest path below, for finished objects
+# Checks of the arguments of the builtins a subclass may let REDUCE call (its `call` hook): each keeps the
+# call's work in proportion to the pickle, copies charged against the element budget, members that will be
+# hashed measured first. `unpickler` is the BoundedUnpickler, `args` the REDUCE arguments.
+def _one_argument(args, what):
+    if len(args) > 1:
+        raise pickle.UnpicklingError(f"{what}() called with {len(args)} arguments")
+    return args[0] if args else ()
+
+
+def dict_arguments(unpickler, args):
+    items = _one_argument(args, "dict")
+    if isinstance(items, dict):
+        keys = list(items)
+    elif isinstance(items, (list, tuple)):  # pairs; anything else makes dict() raise
+        keys = [pair[0] for pair in items if isinstance(pair, (list, tuple)) and len(pair) == 2]
+    else:
+        raise pickle.UnpicklingError(f"the pickle builds a dict from a {type(items).__name__}")
+    unpickler.spend(len(items))
+    for key in keys:
+        unpickler.check_hashable(key)
+
+
+def set_arguments(unpickler, args):
+    items = _one_argument(args, "set")
+    if not isinstance(items, (list, tuple, set, frozenset, dict)):
+        raise pickle.UnpicklingError(f"the pickle builds a set from a {type(items).__name__}")
+    unpickler.spend(len(items))
+    for item in items:
+        unpickler.check_hashable(item)
+
+
+def copy_arguments(unpickler, args):
+    unpickler.spend(sum(len(a) for a in args if isinstance(a, (str, bytes, list, tuple, dict, set, frozenset))))
+
+
+def bytes_arguments(unpickler, args):
+    if args and isinstance(args[0], int):  # bytes(n) allocates n zero bytes
+        raise pickle.UnpicklingError("the pickle calls bytes() with a size")
+    copy_arguments(unpickler, args)
+
+
+BUILTIN_ARGUMENT_CHECKS = {dict: dict_arguments, set: set_arguments, frozenset: set_arguments, list: copy_arguments,
+                           tuple: copy_arguments, bytes: bytes_arguments}
+
+
+def check_nesting(obj, contents, kinds: tuple = (list, tuple, dict, set, frozenset)) -> None:
+    """Raise UnpicklingError when `obj` nests containers more than MAX_DEPTH deep. Iterative, each container
+    expanded once (the longest path below it memoized), so neither depth nor sharing can blow it up; empty
+    containers and containers of leaves are not stored. `kinds`: the container types (an empty one is falsy),
+    `contents(x)` what a container holds."""
+    depth_of = {}  # id -> longest path below, for finished containers that hold containers
     on_path = set()
-    todo = [(obj, None)]  # (object, its children once expanded)
+    todo = [(obj, None)]  # (container, its non-empty container children once expanded)
     while todo:
-        node, children = todo[-1]
+        node, children = todo.pop()
         key = id(node)
         if children is None:
-            held = contents(node)
-            if held is None or key in depth_of or key in on_path:  # a leaf, done, or a cycle back-edge
-                todo.pop()
+            if key in depth_of or key in on_path:  # done, or a cycle's back edge
+                continue
+            children = [c for c in contents(node) if isinstance(c, kinds) and c]
+            if not children:
                 continue
             on_path.add(key)
             if len(on_path) > MAX_DEPTH:
                 raise pickle.UnpicklingError(f"the pickle nests containers more than {MAX_DEPTH} deep")
-            children = [c for c in held if contents(c) is not None]
-            todo[-1] = (node, children)
+            todo.append((node, children))
             todo.extend((c, None) for c in children)
             continue
-        todo.pop()
         on_path.discard(key)
-        depth = 1 + max((depth_of.get(id(c), 0) for c in children), default=0)
+        depth = 1 + max(depth_of.get(id(c), 1) for c in children)
         if depth > MAX_DEPTH:
             raise pickle.UnpicklingError(f"the pickle nests containers more than {MAX_DEPTH} deep")
         depth_of[key] = depth

@@ -21,6 +21,12 @@ dtypes and storage-type markers, or (d) inert `Placeholder` classes for globals 
 (INERT_MODULES). Anything else, e.g. os.system, builtins.eval, subprocess.Popen, functools.partial, is
 refused by name before it exists; nothing is ever imported from a name found in a file.
 
+Work: a checkpoint is a file from the internet, so what it can make the reader do is bounded by its size
+(ldm/bounded_pickle.py: a pure-Python unpickler in the manner of torch's weights_only loader, which measures
+every object before hashing it, charges copies, caps memo, MARK and nesting depth; a pickle may span at most
+PICKLE_FLOOR bytes plus PICKLE_PER_DATA_BYTE per byte of tensor data the file holds, and a zip member is
+refused by its declared size before it is inflated). Every refusal is a one-line CheckpointError.
+
 Memory: every storage record is memory-mapped on its own (copy-on-write, so in-place edits never reach the
 file) and tensors are views of those maps; pages are read when first touched and a map is released when
 its last tensor dies, so a loader that converts tensor by tensor never holds the whole file twice.
@@ -41,7 +47,8 @@ from pathlib import Path
 
 import torch
 
-from ldm.bounded_pickle import BoundedUnpickler, brief, load_bounded, pickle_byte_limit
+from ldm.bounded_pickle import (BUILTIN_ARGUMENT_CHECKS, BoundedUnpickler, brief, copy_arguments, dict_arguments,
+                                load_bounded, pickle_byte_limit)
 
 
 class CheckpointError(Exception):
@@ -195,51 +202,9 @@ ALLOWED_GLOBALS = {
 
 
 # What REDUCE may call beyond placeholders: the allowlisted callables, each with the check of its arguments
-# that keeps its work in proportion to the pickle (ldm/bounded_pickle.py: copies are charged against a budget,
-# members that will be hashed are measured first).
-def _one_argument(args, what):
-    if len(args) > 1:
-        raise pickle.UnpicklingError(f"{what}() called with {len(args)} arguments")
-    return args[0] if args else ()
-
-
-def _dict_arguments(unpickler, args):
-    items = _one_argument(args, "dict")
-    if isinstance(items, dict):
-        keys = list(items)
-    elif isinstance(items, (list, tuple)):  # pairs; anything else makes dict() raise
-        keys = [pair[0] for pair in items if isinstance(pair, (list, tuple)) and len(pair) == 2]
-    else:
-        raise pickle.UnpicklingError(f"the pickle builds a dict from a {type(items).__name__}")
-    unpickler.spend(len(items))
-    for key in keys:
-        unpickler.check_hashable(key)
-
-
-def _set_arguments(unpickler, args):
-    items = _one_argument(args, "set")
-    if not isinstance(items, (list, tuple, set, frozenset, dict)):
-        raise pickle.UnpicklingError(f"the pickle builds a set from a {type(items).__name__}")
-    unpickler.spend(len(items))
-    for item in items:
-        unpickler.check_hashable(item)
-
-
-def _copy_arguments(unpickler, args):
-    unpickler.spend(sum(len(a) for a in args if isinstance(a, (str, bytes, list, tuple, dict, set, frozenset))))
-
-
-def _bytes_arguments(unpickler, args):
-    if args and isinstance(args[0], int):  # bytes(n) allocates n zero bytes
-        raise pickle.UnpicklingError("the pickle calls bytes() with a size")
-    _copy_arguments(unpickler, args)
-
-
-ARGUMENT_CHECKS = {
-    collections.OrderedDict: _dict_arguments, dict: _dict_arguments, set: _set_arguments,
-    frozenset: _set_arguments, list: _copy_arguments, tuple: _copy_arguments, torch.Size: _copy_arguments,
-    bytes: _bytes_arguments, _encode_latin1: _copy_arguments,
-}
+# that keeps its work in proportion to the pickle (ldm/bounded_pickle.py).
+ARGUMENT_CHECKS = {**BUILTIN_ARGUMENT_CHECKS, collections.OrderedDict: dict_arguments, torch.Size: copy_arguments,
+                   _encode_latin1: copy_arguments}
 
 
 class RestrictedUnpickler(BoundedUnpickler):
@@ -250,7 +215,7 @@ class RestrictedUnpickler(BoundedUnpickler):
     def __init__(self, file, n_bytes, path, storage=None):
         super().__init__(file, n_bytes)
         self.path, self.storage = path, storage
-        self._inert = 0
+        self._inert = set()
 
     def find_class(self, module, name):
         if len(module) + len(name) > MAX_GLOBAL_NAME:
@@ -264,10 +229,12 @@ class RestrictedUnpickler(BoundedUnpickler):
         if allowed is not None:
             return allowed
         if module.split(".")[0] in INERT_MODULES:
-            self._inert += 1
-            if self._inert > MAX_INERT_GLOBALS:
-                raise pickle.UnpicklingError(f"more than {MAX_INERT_GLOBALS} globals of data-only libraries")
-            return placeholder_class(f"{module}.{name}")
+            qualname = f"{module}.{name}"
+            self._inert.add(qualname)
+            if len(self._inert) > MAX_INERT_GLOBALS:  # each is a class, cached for the process
+                raise pickle.UnpicklingError(f"the pickle names more than {MAX_INERT_GLOBALS} classes of "
+                                             "data-only libraries")
+            return placeholder_class(qualname)
         raise UnsafeCheckpointError(
             self.path, f"refusing to load: the pickle references the global '{module}.{name}', which is not "
             "on the allowlist and could run code; it was not called")
@@ -299,9 +266,11 @@ class RestrictedUnpickler(BoundedUnpickler):
     def fillable(self, obj, kind):
         return isinstance(obj, kind) or (kind is not set and isinstance(obj, Placeholder))
 
+    container_kinds = (*BoundedUnpickler.container_kinds, Placeholder)
+
     def contents(self, obj):
         if isinstance(obj, Placeholder):
-            return (obj.args, obj.kwargs, obj.state, obj.items)
+            return [obj.args, obj.kwargs, obj.state, obj.items]
         return super().contents(obj)
 
     def persistent_load(self, pid):
@@ -322,7 +291,7 @@ class RestrictedUnpickler(BoundedUnpickler):
 
 
 MAX_GLOBAL_NAME = 500  # characters of a module + name or a storage key; real ones are < 100
-MAX_INERT_GLOBALS = 100_000  # GLOBAL opcodes naming data-only classes in one pickle
+MAX_INERT_GLOBALS = 1000  # distinct data-only classes one pickle may name; real ones name < 50
 _CALLABLE = {id(v): v for v in ALLOWED_GLOBALS.values() if callable(v)}
 
 
