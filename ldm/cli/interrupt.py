@@ -6,7 +6,28 @@ leaves either a whole image or none.
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
+
 EXIT_INTERRUPTED = 130
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Hold Ctrl-C until the block is done (writing a file and counting it), then raise it: so the count
+    in the message is exactly the files on disk."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 class Progress:

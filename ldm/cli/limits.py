@@ -4,8 +4,9 @@ A value is refused with one line naming it, whether it came from a flag or from 
 (scripts/rerun.py names the PNG field): every float must be finite (`nan` and `inf` parse as floats and would
 give an all-black image), every count must lie in its range (NUMBERS, one table: a new flag adds a line), and
 the sizes that drive allocations (H, W, the batch, the images a grid keeps) must fit the device's memory by
-a lower-bound estimate of the largest tensors of the run (`check_memory`), so that `--H 100000` is refused in
-a second with the estimate instead of being killed by the kernel after minutes.
+a lower-bound estimate of the largest tensors of the run (`check_memory`), and the image must not hold more
+latent positions than a self-attention can compare in reasonable time (`check_attention`): so `--H 100000` is
+refused in a second with the estimate instead of being killed by the kernel, or running for days.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ldm.cli.flags import PRECISIONS, CLIError
 MAX_STEPS = 10_000  # ten times the training schedule's 1000 steps; a k-sampler grid has no other limit
 MAX_REPLAY_BATCHES = 10_000  # rerun samples every earlier batch of the run in full before the image's own
 SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed takes
+MAX_ATTENTION_TOKENS = 1 << 18  # latent positions in one self-attention: 4096 x 4096 px at f = 8 (SD v1's 512 px: 4096)
 
 # option name -> (low, high): inclusive bounds, None for unbounded; every float must also be finite.
 NUMBERS: dict[str, tuple] = {
@@ -117,11 +119,34 @@ def memory_needs(opts, cfg, n_images: int) -> list[tuple[str, int]]:
          2 * decoded * ddconfig.ch * ddconfig.ch_mult[0] * decode_h * decode_w * size),
         (f"the UNet ({guided * opts.n_samples} x {unet.model_channels} x {height // opts.f} x {width // opts.f}, "
          "twice)", 2 * guided * opts.n_samples * unet.model_channels * (height // opts.f) * (width // opts.f) * size),
-        (f"the decoded batch ({opts.n_samples} x 3 x {height} x {width} float32)", opts.n_samples * 3 * height * width * 4),
+        (f"the decoded batch ({opts.n_samples} x 3 x {height} x {width} float32)",
+         opts.n_samples * 3 * height * width * 4),
     ]
     if not opts.skip_grid:
-        needs.append((f"the grid's {n_images} images (float32, kept until the end)", 2 * n_images * 3 * height * width * 4))
+        needs.append((f"the grid's {n_images} images (float32, kept until the end)",
+                      2 * n_images * 3 * height * width * 4))
     return needs
+
+
+def check_sizes(opts, cfg, n_images: int) -> None:
+    """The run's sizes against the work (check_attention) and the memory (check_memory) they need."""
+    check_attention(opts, cfg)
+    check_memory(opts, cfg, n_images)
+
+
+def check_attention(opts, cfg) -> None:
+    """Raise CLIError when the UNet's first attention level holds more than MAX_ATTENTION_TOKENS latent
+    positions: its self-attention compares each with every other at every step, so time grows with their
+    square (memory need not: fused kernels do not keep the scores), and beyond this a step takes hours."""
+    levels = cfg.unet.attention_resolutions
+    if not levels:
+        return
+    ds = min(levels)  # the downsampling of the highest-resolution level with attention
+    tokens = (opts.H // opts.f // ds) * (opts.W // opts.f // ds)
+    if tokens > MAX_ATTENTION_TOKENS:
+        raise CLIError(f"a {opts.W}x{opts.H} image has {tokens} latent positions at the UNet's first attention "
+                       f"level, whose self-attention compares each with every other ({float(tokens) ** 2:.2g} pairs "
+                       f"per head and step); at most {MAX_ATTENTION_TOKENS} (e.g. 4096x4096 at f = 8)")
 
 
 def check_memory(opts, cfg, n_images: int, available: int | None = None) -> None:

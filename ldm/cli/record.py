@@ -60,29 +60,29 @@ def _read(kind: type, text: str):
 def options_from_infotext(fields: dict[str, str], names) -> tuple[dict, int, int]:
     """The option values recorded in parsed infotext `fields` (inverse of `infotext`) for the option `names`
     the mode has; returns (options, batch number, batch pos). ValueError when a field is missing or unreadable."""
-    options = {}
-
-    def read(key, kind):
-        if key not in fields:
-            raise ValueError(f"the parameters lack {key!r}")
-        try:
-            return _read(kind, fields[key])
-        except ValueError as e:
-            raise ValueError(f"unreadable parameter {key!r}: {str(e)[:100]}") from None
-
-    if "Prompt" not in fields:
-        raise ValueError("the parameters lack 'Prompt'")
-    options["prompt"] = fields["Prompt"]
-    options["negative_prompt"] = fields.get("Negative prompt", "")
-    for key, name, kind in FIELDS:
-        if name in names:  # "EMA: True/False" is recorded for the option --no-ema
-            options[name] = not read(key, bool) if name == "no_ema" else read(key, kind)
-    for key, name, kind in FAST_FIELDS:
-        if key in fields:
-            options[name] = read(key, kind)
-    size = read("Size", str).split("x")
-    if len(size) != 2 or not all(v.isdigit() for v in size):
-        raise ValueError(f"unreadable parameter 'Size': {fields['Size'][:40]!r} is not WIDTHxHEIGHT")
-    options["W"], options["H"] = (int(v) for v in size)
-    batch, pos = read("Batch number", int), read("Batch pos", int)
+    options, key = {}, "Prompt"  # key: the field being read, named when it is unreadable
+    try:
+        options["prompt"] = fields["Prompt"]
+        options["negative_prompt"] = fields.get("Negative prompt", "")
+        for key, name, kind in FIELDS:
+            if name not in names:
+                continue
+            # "EMA: True/False" is recorded for the option --no-ema
+            options[name] = not _read(bool, fields[key]) if name == "no_ema" else _read(kind, fields[key])
+        for key, name, kind in FAST_FIELDS:
+            if key in fields:
+                options[name] = _read(kind, fields[key])
+        key = "Size"
+        width, height = fields["Size"].split("x")  # WIDTHxHEIGHT, digits only
+        if not (width.isdigit() and height.isdigit()):
+            raise ValueError(f"{fields['Size'][:40]!r} is not WIDTHxHEIGHT")
+        options["W"], options["H"] = int(width), int(height)
+        key = "Batch number"
+        batch = int(fields[key])
+        key = "Batch pos"
+        pos = int(fields[key])
+    except KeyError as e:
+        raise ValueError(f"the parameters lack {e.args[0]!r}") from None
+    except ValueError as e:
+        raise ValueError(f"unreadable parameter {key!r}: {str(e)[:100]}") from None
     return options, batch, pos

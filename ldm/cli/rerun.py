@@ -88,7 +88,8 @@ def rerun(args: argparse.Namespace) -> None:
         opts.prepack = False  # a CPU-only path; elsewhere the plain kernels (rounding may differ anyway)
     if mode == "img2img":  # resized to the recorded size, as the run did (rounding to multiples of 32)
         if args.init_img is None:  # never a path from the PNG: it is opened only once its hash matched
-            raise CLIError(f"{args.image} was made by img2img from {_short(fields.get('Init image', '?'), 200)!r}: name "
+            recorded = _short(fields.get("Init image", "?"), 200)
+            raise CLIError(f"{args.image} was made by img2img from {recorded!r}: name "
                            "that file with --init-img (its hash is checked against the recorded one)")
         opts.init_img = args.init_img
     if ("VAE hash" in fields) != (opts.vae is not None):

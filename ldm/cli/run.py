@@ -21,7 +21,7 @@ import ldm
 from ldm import fast, pipeline, png_info
 from ldm.cli import inputs, limits, record
 from ldm.cli.flags import PRECISIONS, CLIError, build_parser
-from ldm.cli.interrupt import EXIT_INTERRUPTED, PROGRESS
+from ldm.cli.interrupt import EXIT_INTERRUPTED, PROGRESS, deferred_interrupt
 from ldm.config import load_config
 
 SAMPLE_NAME, SAMPLE_TEMPLATE = r"(\d{5,})\.png", "{:05}.png"
@@ -85,18 +85,20 @@ def prepare(opts: argparse.Namespace, mode: str, before_load=None):
     `before_load()` runs once the flags are checked, before the init image is decoded (rerun checks the
     hashes of the files it was given there)."""
     inputs.validate(opts, mode)
-    prompts = inputs.read_prompts(opts)
-    # the sizes that drive allocations, against the device's memory: from the config, nothing loaded yet
-    cfg, n_images = load_config(opts.config), run_images(opts, len(prompts))
+    # the sizes that drive allocations and work, from the config (nothing loaded yet), before they are used:
+    # the prompts of --from-file are read first, n_samples copies of --prompt made after
+    prompts = inputs.read_prompts(opts) if opts.from_file else None
+    cfg, n_images = load_config(opts.config), run_images(opts, opts.n_samples if prompts is None else len(prompts))
     if opts.H is not None and opts.W is not None:
-        limits.check_memory(opts, cfg, n_images)
+        limits.check_sizes(opts, cfg, n_images)
     if before_load is not None:
         before_load()
     init_image = None
     if mode == "img2img":
         init_image = inputs.load_init_image(opts.init_img, opts.W, opts.H)
         opts.H, opts.W = init_image.shape[2:]
-        limits.check_memory(opts, cfg, n_images)
+        limits.check_sizes(opts, cfg, n_images)
+    prompts = prompts or inputs.read_prompts(opts)
     model = load(opts)
     inputs.check_run(opts, model)
     inputs.warn_long_prompts(model, prompts + [opts.negative_prompt])
@@ -121,8 +123,9 @@ def run(opts: argparse.Namespace, mode: str) -> None:
         if not opts.skip_save:
             os.makedirs(sample_dir, exist_ok=True)
             for image, info in zip(pipeline.to_uint8(images), infos):
-                png_info.save_numbered(image, sample_dir, SAMPLE_NAME, SAMPLE_TEMPLATE, info)
-                PROGRESS.wrote()
+                with deferred_interrupt():  # the file and its count, or neither
+                    png_info.save_numbered(image, sample_dir, SAMPLE_NAME, SAMPLE_TEMPLATE, info)
+                    PROGRESS.wrote()
         if not opts.skip_grid:
             grid_images.append(images)
     if not opts.skip_grid:
@@ -130,8 +133,10 @@ def run(opts: argparse.Namespace, mode: str) -> None:
         grid = pipeline.make_grid(torch.cat(grid_images), nrow=opts.n_rows or opts.n_samples)
         os.makedirs(opts.outdir, exist_ok=True)
         # the grid carries the first image's parameters (as A1111's grids)
-        png_info.save_numbered(pipeline.to_uint8(grid[None])[0], opts.outdir, GRID_NAME, GRID_TEMPLATE, first_info)
-        PROGRESS.wrote()
+        with deferred_interrupt():
+            png_info.save_numbered(pipeline.to_uint8(grid[None])[0], opts.outdir, GRID_NAME, GRID_TEMPLATE,
+                                   first_info)
+            PROGRESS.wrote()
     print(f"Your samples are ready and waiting for you here: \n{opts.outdir} \n \nEnjoy.")
 
 
