@@ -301,6 +301,7 @@ def _unpickle(f, path, limit, storage=None):
 
 
 MAX_ZIP_ENTRIES = 1 << 18  # records in a zip checkpoint; a full SDXL training checkpoint has ~8,000
+MAX_ZIP_DIRECTORY = 16 << 20  # bytes of its central directory (~0.1 KB a record; ZipInfo objects take ~5x)
 
 
 def _open_zip(f, path) -> zipfile.ZipFile:
@@ -309,9 +310,10 @@ def _open_zip(f, path) -> zipfile.ZipFile:
     end = zipfile._EndRecData(f)
     if end is None:
         raise CheckpointError(path, "not a checkpoint (a truncated or corrupt zip file: no end record)")
-    if end[zipfile._ECD_ENTRIES_TOTAL] > MAX_ZIP_ENTRIES:
-        raise CheckpointError(path, f"not a checkpoint (a zip of {end[zipfile._ECD_ENTRIES_TOTAL]} records, more "
-                                    f"than {MAX_ZIP_ENTRIES})")
+    entries, directory = end[zipfile._ECD_ENTRIES_TOTAL], end[zipfile._ECD_SIZE]
+    if entries > MAX_ZIP_ENTRIES or directory > MAX_ZIP_DIRECTORY:  # zipfile trusts the byte size, not the count
+        raise CheckpointError(path, f"not a checkpoint (a zip of {entries} records in a {directory}-byte "
+                                    f"directory; at most {MAX_ZIP_ENTRIES} records, {MAX_ZIP_DIRECTORY} bytes)")
     f.seek(0)
     return zipfile.ZipFile(f)
 

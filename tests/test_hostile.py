@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import resource
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -444,6 +445,16 @@ def test_library_calls_name_the_wrong_argument(case, model, inpainting_model):
     with pytest.raises((ValueError, TypeError)) as info, torch.no_grad():
         call()
     assert message in str(info.value), str(info.value)
+
+
+def test_a_zip_directory_is_bounded_before_it_is_parsed(tmp_path):
+    # zipfile reads as many directory bytes as the end record claims, whatever the record count says
+    from ldm.checkpoint import CheckpointError, read_checkpoint
+
+    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 1, 1, 100 << 20, 0, 0)
+    (tmp_path / "directory.ckpt").write_bytes(b"PK\x03\x04" + bytes(26) + end)
+    with pytest.raises(CheckpointError, match="a zip of 1 records in a 104857600-byte directory"):
+        read_checkpoint(tmp_path / "directory.ckpt")
 
 
 def test_a_real_checkpoint_layout_is_within_every_bound(tmp_path):
