@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ldm.config_checks import check_ranges
 from ldm.config_reader import ConfigError, build, convert, read_yaml
 
 LATENT_DIFFUSION = "ldm.models.diffusion.ddpm.LatentDiffusion"
@@ -305,6 +306,7 @@ def parse_config(data: Any, src: str = "<config>") -> LatentDiffusionConfig:
     cfg = build(LatentDiffusionConfig, params, "model.params", src, target=target, base_learning_rate=lr,
                  **components)
     _check_supported(cfg, src)
+    check_ranges(cfg, src)  # values the original divides by or allocates with (ldm/config_checks.py)
     return cfg
 
 

@@ -8,6 +8,7 @@ the checks: unions try each member, lists become tuples, mappings become nested 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -49,6 +50,8 @@ def convert(tp: Any, value: Any, where: str, src: str) -> Any:
     }[tp]
     if not ok:
         raise ConfigError(f"{src}: {where} must be of type {tp.__name__}, got {value!r}")
+    if tp is float and not math.isfinite(value):  # .nan / .inf parse as floats; none is a valid setting
+        raise ConfigError(f"{src}: {where} must be a finite number, got {value!r}")
     return float(value) if tp is float else dict(value) if tp is dict else value
 
 

@@ -66,6 +66,9 @@ class Denoiser:
         return schedules.sigma_to_t(sigma, self.sigmas, self.quantize, self.interpolation)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond=None, **extra) -> torch.Tensor:
+        if sigma.ndim > 1 or (sigma.ndim == 1 and sigma.shape[0] != x.shape[0]):
+            raise ValueError(f"sigma must be a scalar or of shape ({x.shape[0]},) like x's batch, got "
+                             f"{tuple(sigma.shape)}")
         t = self.sigma_to_t(sigma.reshape(-1)).to(device=x.device, dtype=torch.float32)
         sigma = append_dims(sigma.to(x), x.ndim)
         c_in = 1 / (sigma**2 + 1) ** 0.5

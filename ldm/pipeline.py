@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -131,6 +132,16 @@ def encode_image(model, image: torch.Tensor, generator: torch.Generator) -> torc
     return model.get_first_stage_encoding(posterior, generator).float()
 
 
+def check_sampling(model, *, scale: float, eta: float, shape: Sequence[int]) -> None:
+    """The numbers of a sampling call, each error naming its argument: a NaN scale would give a black image."""
+    for name, value in (("scale", scale), ("eta", eta)):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}")
+    channels = model.config.unet.in_channels
+    if len(shape) != 4 or shape[1] != channels:
+        raise ValueError(f"shape must be (B, {channels}, h, w) latents for this model, got {tuple(shape)}")
+
+
 @torch.no_grad()
 def sample(model, prompts: str | Sequence[str], *, negative_prompt: str | Sequence[str] = "",
            sampler: str = "ddim", steps: int = 50, schedule: str = "uniform", scale: float = 7.5,
@@ -143,6 +154,7 @@ def sample(model, prompts: str | Sequence[str], *, negative_prompt: str | Sequen
     if model.conditioning_key == "hybrid":
         raise ValueError("inpainting (hybrid) models need an image and a mask: use ldm.pipeline.inpaint "
                          "(txt2img/img2img do not run them)")
+    check_sampling(model, scale=scale, eta=eta, shape=shape)
     device = model_device(model)
     denoiser = make_denoiser(model, list(prompts), negative_prompt, scale, text)
     if x_T is None:
@@ -227,6 +239,8 @@ def img2img(model, init_image: torch.Tensor, prompts: str | Sequence[str], *, st
     """
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
+    if init_image.ndim != 4 or init_image.shape[1] != 3:
+        raise ValueError(f"init_image must be (1 or B, 3, H, W) in [-1, 1], got {tuple(init_image.shape)}")
     prompts = _as_list(prompts, n_samples)
     generator = _generator(seed, generator)
     if init_image.shape[0] == 1:

@@ -122,29 +122,64 @@ def next_index(directory: str, pattern: str) -> int:
     return max(numbers, default=-1) + 1
 
 
+def _write_png(image: np.ndarray, path: str, parameters: str | None) -> None:
+    info = PngInfo()
+    if parameters is not None:
+        info.add_text(PARAMETERS_KEY, parameters)
+    Image.fromarray(image).save(path, format="PNG", pnginfo=info)
+
+
+def _temporary_name(path: str) -> str:
+    directory, name = os.path.split(path)
+    return os.path.join(directory, f".{name}.{os.getpid()}.tmp")
+
+
 def save_png(image: np.ndarray, path: str, parameters: str | None = None) -> None:
     """Write a uint8 (H, W, 3) array as PNG: to a temporary name first, then os.replace.
 
     So an interrupted run never leaves a truncated PNG under a final name.
     """
-    info = PngInfo()
-    if parameters is not None:
-        info.add_text(PARAMETERS_KEY, parameters)
-    directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
+    tmp = _temporary_name(path)
     try:
-        Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
+        _write_png(image, tmp, parameters)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+def _claim(tmp: str, path: str) -> bool:
+    """Give the complete file `tmp` the name `path` unless that name exists, atomically: a hard link fails
+    when the name is taken, where os.replace would overwrite it. Where hard links are not supported, the
+    name is claimed with O_CREAT | O_EXCL (empty until the replace that follows)."""
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links on this file system (FAT, some network shares)
+        pass
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        return False
+    os.replace(tmp, path)
+    return True
+
+
 def save_numbered(image: np.ndarray, directory: str, pattern: str, template: str,
                   parameters: str | None = None) -> str:
-    """Save under the next free number in `directory` (e.g. template "{:05}.png"); returns the path."""
+    """Save under the next free number in `directory` (e.g. template "{:05}.png"); returns the path.
+
+    The number is claimed atomically (`_claim`), so runs writing into one folder at once never overwrite
+    each other's files: a number taken in the meantime is skipped. The PNG is complete before it gets its name."""
     index = next_index(directory, pattern)
-    while os.path.exists(path := os.path.join(directory, template.format(index))):
-        index += 1  # a file appeared since we looked (another process writing to the same folder)
-    save_png(image, path, parameters)
+    tmp = _temporary_name(os.path.join(directory, template.format(index)))
+    try:
+        _write_png(image, tmp, parameters)
+        while not _claim(tmp, path := os.path.join(directory, template.format(index))):
+            index += 1  # taken since we looked (another process writing to the same folder)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path

@@ -1,5 +1,11 @@
 """Text to image, with the flags and defaults of CompVis/stable-diffusion scripts/txt2img.py (see --help)."""
-from ldm.cli import txt2img_main
+import sys
+
+try:  # Ctrl-C while torch is being imported ends as it does later (ldm/cli/interrupt.py): one line, status 130
+    from ldm.cli import txt2img_main
+except KeyboardInterrupt:
+    sys.stderr.write("txt2img.py: interrupted before the run started; nothing was written\n")
+    sys.exit(130)
 
 if __name__ == "__main__":
     txt2img_main()

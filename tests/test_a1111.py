@@ -271,8 +271,19 @@ def test_infotext_and_rerun_replay(checkpoints, tmp_path, monkeypatch, capsys):
     assert info["Clip skip"] == "2" and info["Prompt syntax"] == "a1111"
     from ldm.cli.rerun import main as rerun_main
 
-    rerun_main([str(png), "--config", str(config), "--ckpt", str(ckpt), "--device", "cpu",
-                "--outdir", str(tmp_path / "again")])
+    capsys.readouterr()
+    base = [str(png), "--config", str(config), "--ckpt", str(ckpt), "--device", "cpu", "--outdir",
+            str(tmp_path / "again")]
+    # the LoRA and embedding files are named by the user, never opened from the paths the PNG records
+    with pytest.raises(SystemExit):
+        rerun_main(base)
+    assert "name them with --lora" in capsys.readouterr().err
+    swapped = ["--lora", "tests/fixtures/a1111/lora_v1.safetensors", "--lora_dir", "tests/fixtures/a1111",
+               "--embedding", "tests/fixtures/a1111/lightpen.pt", "--embedding", "tests/fixtures/a1111/sparkle.bin"]
+    with pytest.raises(SystemExit):  # another LoRA file under the recorded name: its hash differs
+        rerun_main(base + swapped)
+    assert "Lora hashes" in capsys.readouterr().err
+    rerun_main(base + ["--lora", "tests/fixtures/a1111/lora_v1_extra.safetensors"] + swapped[2:])
     assert "identical to" in capsys.readouterr().out
 
 

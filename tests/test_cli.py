@@ -177,8 +177,9 @@ def test_img2img_writes_and_reruns(tiny, tmp_path, capsys):
     assert len(outputs) == 2 and pixels(outputs[0]).shape == (32, 32, 3)  # 40x35 rounded down to 32x32
     fields = png_info.parse_parameters(png_info.read_parameters(str(outputs[1])))
     assert fields["Denoising strength"] == "0.5" and fields["CFG scale"] == "5.0"
+    # the init image is named again (a path recorded in the PNG is never opened: tests/test_hostile.py)
     rerun.main([str(outputs[1]), "--config", config, "--ckpt", ckpt, "--outdir", str(tmp_path / "re"),
-                "--device", "cpu"])
+                "--device", "cpu", "--init-img", str(init)])
     assert np.array_equal(pixels(tmp_path / "re" / "00000.png"), pixels(outputs[1]))
     capsys.readouterr()
 

@@ -234,7 +234,11 @@ def test_outputs_parameters_and_bit_exact_rerun(name, extra, checkpoints, tmp_pa
     assert fields["Init image hash"] == png_info.file_hash(str(INIT_IMAGE))
     assert (fields["Batch number"], fields["Batch pos"], fields["EMA"]) == ("1", "1", "False")
     config, ckpt = checkpoints[name]
-    rerun.main([str(samples[3]), "--config", config, "--ckpt", ckpt, "--outdir", str(tmp_path / "rerun")])
+    with pytest.raises(SystemExit):  # a path recorded in the PNG is never opened: the files must be named
+        rerun.main([str(samples[3]), "--config", config, "--ckpt", ckpt, "--outdir", str(tmp_path / "rerun")])
+    assert "name that file with --init-img" in capsys.readouterr().err
+    rerun.main([str(samples[3]), "--config", config, "--ckpt", ckpt, "--init-img", str(INIT_IMAGE), "--mask",
+                str(MASK), "--outdir", str(tmp_path / "rerun")])
     assert "identical to" in capsys.readouterr().out
 
 
@@ -246,7 +250,7 @@ def test_rerun_checks_the_mask(checkpoints, tmp_path, capsys):
     config, ckpt = checkpoints["v1-inpainting"]
     with pytest.raises(SystemExit):
         rerun.main([str(outdir / "samples" / "00000.png"), "--config", config, "--ckpt", ckpt, "--mask", str(other),
-                    "--outdir", str(tmp_path / "rerun")])
+                    "--init-img", str(INIT_IMAGE), "--outdir", str(tmp_path / "rerun")])
     assert "Mask hash" in capsys.readouterr().err and not (tmp_path / "rerun").exists()
 
 

@@ -6,12 +6,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
+import warnings
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from ldm import fast, samplers, schedules
+from ldm.cli import limits
 from ldm.cli.flags import DEFAULT_TILE_OVERLAP, DPM_SOLVER, PRECISIONS, CLIError
 from ldm.samplers import SAMPLERS
 
@@ -62,18 +65,12 @@ def validate(opts: argparse.Namespace, mode: str) -> None:
                        f"valid: {', '.join(valid)}")
     if opts.ddim_eta and opts.sampler != "ddim":
         raise CLIError(f"--ddim_eta applies to the ddim sampler only (got {opts.ddim_eta} with {opts.sampler})")
-    for name in ("ddim_steps", "n_iter", "n_samples", "C", "f"):
-        if getattr(opts, name, 1) < 1:  # inpaint has no --C / --f: the model's
-            raise CLIError(f"--{name} must be at least 1 (got {getattr(opts, name)})")
-    if opts.n_rows < 0:
-        raise CLIError(f"--n_rows must be >= 0 (got {opts.n_rows})")
+    limits.check_numbers(vars(opts))  # ranges, and floats finite (ldm/cli/limits.py NUMBERS)
     for name in ("H", "W") if mode != "inpaint" else ():  # inpaint: the init image's size
         value = getattr(opts, name)
         if value is not None and (value < opts.f or value % opts.f):
             raise CLIError(f"--{name} {value} is not a positive multiple of --f {opts.f}")
     if mode in ("img2img", "inpaint"):
-        if not 0.0 <= opts.strength <= 1.0:
-            raise CLIError(f"--strength must be in [0, 1] (got {opts.strength})")
         _require_file(opts.init_img, "init image (--init-img)")
     if mode == "inpaint":
         _require_file(opts.mask, "mask (--mask)")
@@ -88,17 +85,13 @@ def validate(opts: argparse.Namespace, mode: str) -> None:
         _require_file(opts.from_file, "prompt file (--from-file)")
     elif opts.prompt is None:
         raise CLIError("no prompt given")
-    if os.path.exists(opts.outdir) and not os.path.isdir(opts.outdir):
-        raise CLIError(f"--outdir {opts.outdir} exists and is not a directory")
+    check_writable(opts.outdir)
     opts.device = resolve_device(opts.device)
     validate_speed_flags(opts)
 
 
 def validate_speed_flags(opts: argparse.Namespace) -> None:
     """Check the opt-in paths against each other and the device; fills in implied values."""
-    for name in ("attention_slice", "vae_tile", "vae_slice"):
-        if getattr(opts, name) is not None and getattr(opts, name) < 1:
-            raise CLIError(f"--{name} must be at least 1 (got {getattr(opts, name)})")
     if opts.attention_slice is not None:
         if opts.attention not in (None, "sliced"):
             raise CLIError(f"--attention_slice applies to --attention sliced (got --attention {opts.attention})")
@@ -121,32 +114,103 @@ def validate_speed_flags(opts: argparse.Namespace) -> None:
         raise CLIError("--offload moves the models between CPU memory and an accelerator; --device is the CPU")
 
 
+MAX_PROMPT_FILE = 16 << 20  # bytes of --from-file: ~100,000 prompts
+
+
+def check_writable(outdir: str) -> None:
+    """The output folder can be written (checked before the model loads, creating nothing): it is a folder, or
+    can be created in the nearest existing one, and a file can be created there (a probe, removed at once)."""
+    existing = os.path.abspath(outdir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        what = "exists and is not a directory" if existing == os.path.abspath(outdir) else \
+            f"cannot be created: {existing} is not a directory"
+        raise CLIError(f"--outdir {outdir} {what}")
+    for folder in (existing, os.path.join(existing, "samples")):
+        if os.path.isdir(folder):
+            try:
+                tempfile.TemporaryFile(dir=folder).close()
+            except OSError as e:
+                raise CLIError(f"--outdir {outdir} is not writable ({folder}: {e.strerror or e})") from None
+
+
 def read_prompts(opts: argparse.Namespace) -> list[str]:
     """The prompts of the run: n_samples copies of --prompt, or the lines of --from-file (the pipeline
-    batches them n_samples at a time, as the originals' `chunk`)."""
+    batches them n_samples at a time, as the originals' `chunk`). Unlike the originals, blank lines of the
+    file are skipped with a warning instead of each making a batch of empty-prompt images."""
     if not opts.from_file:
         return opts.n_samples * [opts.prompt]
-    with open(opts.from_file, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    path = opts.from_file
+    with open(path, "rb") as f:
+        data = f.read(MAX_PROMPT_FILE + 1)
+    if len(data) > MAX_PROMPT_FILE:
+        raise CLIError(f"prompt file {path} is larger than {MAX_PROMPT_FILE >> 20} MiB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CLIError(f"prompt file {path} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})") \
+            from None
+    lines = text.splitlines()
+    blank = [i + 1 for i, line in enumerate(lines) if not line.strip()]
+    lines = [line for line in lines if line.strip()]
     if not lines:
-        raise CLIError(f"prompt file is empty: {opts.from_file}")
+        raise CLIError(f"prompt file has no prompts: {path}")
+    if blank:
+        shown = ", ".join(map(str, blank[:5])) + (", ..." if len(blank) > 5 else "")
+        print(f"warning: prompt file {path}: skipped {len(blank)} blank line{'s' * (len(blank) > 1)} "
+              f"(line {shown})", file=sys.stderr)
     return lines
+
+
+# PIL modes whose samples are not 8-bit: (scale to [0, 1], what the mode is); others go through convert("RGB")
+_WIDE_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0}
+
+
+def _read_rgb(image: Image.Image, path: str, size: tuple[int, int] | None) -> np.ndarray:
+    """(H, W, 3) float32 in [0, 1], resized to `size` (w, h) with LANCZOS; 8-bit modes as the original
+    (convert("RGB"), resize, / 255), 16-bit ones scaled by their real range instead of clipped to white."""
+    mode = image.mode
+    scale = _WIDE_MODES.get(mode)
+    if mode == "I":  # 32-bit integers: Pillow's mode for 16-bit PNG/TIFF greyscale on some versions
+        extrema = image.getextrema()
+        if extrema[0] < 0 or extrema[1] > 65535:
+            raise CLIError(f"init image {path} has 32-bit integer samples ({extrema[0]}..{extrema[1]}) whose range "
+                           "is not known; save it with 8 or 16 bits per sample")
+        scale = 65535.0
+    if mode == "F":
+        raise CLIError(f"init image {path} has floating-point samples (PIL mode F) whose range is not known; save it "
+                       "with 8 or 16 bits per sample")
+    if scale is None:
+        rgb = image.convert("RGB")
+        if size is not None:
+            rgb = rgb.resize(size, resample=Image.LANCZOS)
+        return np.asarray(rgb).astype(np.float32) / 255.0
+    grey = Image.fromarray(np.asarray(image, dtype=np.float32) / scale, mode="F")
+    if size is not None:
+        grey = grey.resize(size, resample=Image.LANCZOS)
+    return np.repeat(np.clip(np.asarray(grey), 0.0, 1.0)[:, :, None], 3, axis=2)
 
 
 def load_init_image(path: str, width: int | None = None, height: int | None = None) -> torch.Tensor:
     """(1, 3, H, W) in [-1, 1]; as img2img.py load_img: RGB, size rounded down to a multiple of 32 (or
-    the given size), LANCZOS resampling."""
+    the given size), LANCZOS resampling. 16-bit greyscale is scaled by 1/65535; images beyond PIL's
+    decompression-bomb limit and samples of unknown range (float, 32-bit) are refused."""
     try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                w, h = (width, height) if width is not None else \
+                    (image.width - image.width % 32, image.height - image.height % 32)
+                if w == 0 or h == 0:
+                    raise CLIError(f"init image {path} is smaller than 32x32")
+                image.load()
+                array = _read_rgb(image, path, (w, h))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise CLIError(f"init image {path} is too large to decode: {e}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
         raise CLIError(f"cannot read init image {path}: {e}") from None
-    w, h = (width, height) if width is not None else (image.width - image.width % 32, image.height - image.height % 32)
-    if w == 0 or h == 0:
-        raise CLIError(f"init image {path} is smaller than 32x32")
-    image = image.resize((w, h), resample=Image.LANCZOS)
-    array = np.asarray(image).astype(np.float32) / 255.0
-    return 2.0 * torch.from_numpy(array).permute(2, 0, 1)[None] - 1.0
+    return 2.0 * torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None] - 1.0
 
 
 def check_model(opts: argparse.Namespace, model, mode: str = "txt2img") -> None:
@@ -184,6 +248,7 @@ def warn_long_prompts(model, prompts: list[str]) -> None:
     tokens = model.cond_stage_model.tokenize(prompts)
     context = tokens.ids.shape[1]
     for prompt, truncated, dropped in zip(prompts, tokens.truncated, tokens.dropped):
-        if truncated:
-            print(f"warning: prompt longer than {context} tokens, truncated (dropped: {dropped!r}): "
+        if truncated:  # one bounded line, whatever the prompt's length
+            more = f" and {len(dropped) - 60} more characters" if len(dropped) > 60 else ""
+            print(f"warning: prompt longer than {context} tokens, truncated (dropped: {dropped[:60]!r}{more}): "
                   f"{prompt[:50]!r}...", file=sys.stderr)

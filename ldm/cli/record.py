@@ -73,13 +73,15 @@ def _read(kind: type, text: str):
         if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
             raise ValueError(f"not a list of paths: {text!r}")
         return value
+    if kind is bool and text not in ("True", "False"):
+        raise ValueError(f"{text[:20]!r} is not True or False")
     return text == "True" if kind is bool else kind(text)
 
 
 def options_from_infotext(fields: dict[str, str], names) -> tuple[dict, int, int]:
     """The option values recorded in parsed infotext `fields` (inverse of `infotext`) for the option `names`
     the mode has; returns (options, batch number, batch pos). ValueError when a field is missing or unreadable."""
-    options = {}
+    options, key = {}, "Prompt"  # key: the field being read, named when it is unreadable
     try:
         options["prompt"] = fields["Prompt"]
         options["negative_prompt"] = fields.get("Negative prompt", "")
@@ -87,14 +89,21 @@ def options_from_infotext(fields: dict[str, str], names) -> tuple[dict, int, int
             if name not in names:
                 continue
             # "EMA: True/False" is recorded for the option --no-ema
-            options[name] = fields[key] == "False" if name == "no_ema" else _read(kind, fields[key])
+            options[name] = not _read(bool, fields[key]) if name == "no_ema" else _read(kind, fields[key])
         for key, name, kind in FAST_FIELDS + TEXT_FIELDS:
             if key in fields:
                 options[name] = _read(kind, fields[key])
-        options["W"], options["H"] = (int(v) for v in fields["Size"].split("x"))
-        batch, pos = int(fields["Batch number"]), int(fields["Batch pos"])
+        key = "Size"
+        width, height = fields["Size"].split("x")  # WIDTHxHEIGHT, digits only
+        if not (width.isdigit() and height.isdigit()):
+            raise ValueError(f"{fields['Size'][:40]!r} is not WIDTHxHEIGHT")
+        options["W"], options["H"] = int(width), int(height)
+        key = "Batch number"
+        batch = int(fields[key])
+        key = "Batch pos"
+        pos = int(fields[key])
     except KeyError as e:
         raise ValueError(f"the parameters lack {e.args[0]!r}") from None
     except ValueError as e:
-        raise ValueError(f"unreadable parameter: {e}") from None
+        raise ValueError(f"unreadable parameter {key!r}: {str(e)[:100]}") from None
     return options, batch, pos

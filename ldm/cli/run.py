@@ -19,9 +19,11 @@ import torch
 
 import ldm
 from ldm import fast, pipeline, png_info
-from ldm.cli import extras, inputs, record
+from ldm.cli import extras, inputs, limits, record
 from ldm.cli import inpaint as inpaint_cli
 from ldm.cli.flags import PRECISIONS, CLIError, build_parser
+from ldm.cli.interrupt import EXIT_INTERRUPTED, PROGRESS, deferred_interrupt
+from ldm.config import load_config
 
 SAMPLE_NAME, SAMPLE_TEMPLATE = r"(\d{5,})\.png", "{:05}.png"
 GRID_NAME, GRID_TEMPLATE = r"grid-(\d{4,})\.png", "grid-{:04}.png"
@@ -86,18 +88,27 @@ def file_hashes(opts: argparse.Namespace, mode: str) -> dict[str, str]:
 
 def prepare(opts: argparse.Namespace, mode: str, before_load=None):
     """Validate, read the inputs and load the model: (model, prompts, init image or None; inpaint: (image,
-    mask)). Writes nothing. `before_load()` runs once the inputs are read (rerun checks hashes there)."""
+    mask)). Writes nothing. `before_load()` runs once the flags are checked, before the init image is decoded
+    (rerun checks the hashes of the files it was given there)."""
     inputs.validate(opts, mode)
-    prompts = inputs.read_prompts(opts)
-    extras.validate(opts, prompts)
+    # the sizes that drive allocations and work, from the config (nothing loaded yet), before they are used:
+    # the prompts of --from-file are read first, n_samples copies of --prompt made after
+    prompts = inputs.read_prompts(opts) if opts.from_file else None
+    cfg, n_images = load_config(opts.config), run_images(opts, opts.n_samples if prompts is None else len(prompts))
+    if getattr(opts, "H", None) is not None and getattr(opts, "W", None) is not None:
+        limits.check_sizes(opts, cfg, n_images)
+    extras.validate(opts, prompts or [opts.prompt])
+    if before_load is not None:
+        before_load()
     init_image = None
     if mode == "img2img":
         init_image = inputs.load_init_image(opts.init_img, opts.W, opts.H)
         opts.H, opts.W = init_image.shape[2:]
     if mode == "inpaint":
-        init_image = inpaint_cli.read_inputs(opts)
-    if before_load is not None:
-        before_load()
+        init_image = inpaint_cli.read_inputs(opts)  # sets opts.H, opts.W: the init image's size
+    if mode in ("img2img", "inpaint"):
+        limits.check_sizes(opts, cfg, n_images)
+    prompts = prompts or inputs.read_prompts(opts)
     model = load(opts, mode)
     if mode == "inpaint":
         inpaint_cli.check_run(opts, model, init_image[1])
@@ -109,8 +120,14 @@ def prepare(opts: argparse.Namespace, mode: str, before_load=None):
     return model, prompts, init_image
 
 
+def run_images(opts: argparse.Namespace, n_prompts: int) -> int:
+    """How many images the run makes (n_iter passes over the prompts)."""
+    return opts.n_iter * n_prompts
+
+
 def run(opts: argparse.Namespace, mode: str) -> None:
     model, prompts, init_image = prepare(opts, mode)
+    PROGRESS.start(run_images(opts, len(prompts)) * (not opts.skip_save) + (not opts.skip_grid))
     hashes = file_hashes(opts, mode) if not (opts.skip_save and opts.skip_grid) else {}
     sample_dir = os.path.join(opts.outdir, "samples")
     grid_images, first_info = [], None
@@ -122,7 +139,9 @@ def run(opts: argparse.Namespace, mode: str) -> None:
         if not opts.skip_save:
             os.makedirs(sample_dir, exist_ok=True)
             for image, info in zip(pipeline.to_uint8(images), infos):
-                png_info.save_numbered(image, sample_dir, SAMPLE_NAME, SAMPLE_TEMPLATE, info)
+                with deferred_interrupt():  # the file and its count, or neither
+                    png_info.save_numbered(image, sample_dir, SAMPLE_NAME, SAMPLE_TEMPLATE, info)
+                    PROGRESS.wrote()
         if not opts.skip_grid:
             grid_images.append(images)
     if not opts.skip_grid:
@@ -130,21 +149,29 @@ def run(opts: argparse.Namespace, mode: str) -> None:
         grid = pipeline.make_grid(torch.cat(grid_images), nrow=opts.n_rows or opts.n_samples)
         os.makedirs(opts.outdir, exist_ok=True)
         # the grid carries the first image's parameters (as A1111's grids)
-        png_info.save_numbered(pipeline.to_uint8(grid[None])[0], opts.outdir, GRID_NAME, GRID_TEMPLATE, first_info)
+        with deferred_interrupt():
+            png_info.save_numbered(pipeline.to_uint8(grid[None])[0], opts.outdir, GRID_NAME, GRID_TEMPLATE,
+                                   first_info)
+            PROGRESS.wrote()
     print(f"Your samples are ready and waiting for you here: \n{opts.outdir} \n \nEnjoy.")
 
 
 def errors_as_one_line(prog: str, body, *args) -> None:
-    """Run body(*args); expected failures become `prog: error: ...` on stderr and exit status 1."""
+    """Run body(*args); expected failures become `prog: error: ...` on stderr and exit status 1, Ctrl-C one
+    line and exit status 130 (ldm/cli/interrupt.py)."""
     from ldm.checkpoint import CheckpointError
     from ldm.config import ConfigError
 
+    PROGRESS.reset()
     try:
         body(*args)
     except (CLIError, CheckpointError, ConfigError, OSError) as e:
         message = " ".join(str(e).split()) or type(e).__name__
         sys.stderr.write(f"{prog}: error: {message}\n")
         sys.exit(1)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{prog}: {PROGRESS.message()}\n")
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def txt2img_main(argv: list[str] | None = None) -> None:

@@ -276,13 +276,21 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(dd)
         self.quant_conv = nn.Conv2d(2 * dd.z_channels, 2 * cfg.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, dd.z_channels, 1)
+        # for the argument checks (fast paths may swap the convolutions for ones without these attributes)
+        self.image_channels, self.latent_channels = dd.in_channels, cfg.embed_dim
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         """Images -> posterior, in the dtype of the weights (x is cast to it, as under the original's autocast)."""
+        channels = self.image_channels
+        if x.ndim != 4 or x.shape[1] != channels:
+            raise ValueError(f"x must be (B, {channels}, H, W) images, got {tuple(x.shape)}")
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x.to(self.quant_conv.weight.dtype))))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """UNSCALED latents -> images, nominally in [-1, 1] but not clamped, in the dtype of the weights."""
+        channels = self.latent_channels
+        if z.ndim != 4 or z.shape[1] != channels:
+            raise ValueError(f"z must be (B, {channels}, h, w) latents, got {tuple(z.shape)}")
         return self.decoder(self.post_quant_conv(z.to(self.post_quant_conv.weight.dtype)))
 
     def forward(

@@ -90,6 +90,9 @@ class DiffusionWrapper(nn.Module):
         if self.conditioning_key == "crossattn" and c_concat is not None:
             raise ValueError("c_concat given, but conditioning_key is 'crossattn'")
         if c_concat is not None:
+            if c_concat.ndim != 4 or c_concat.shape[0] != x.shape[0] or c_concat.shape[2:] != x.shape[2:]:
+                raise ValueError(f"c_concat must be (B, channels, H, W) like x {tuple(x.shape)}, got "
+                                 f"{tuple(c_concat.shape)}")
             # inpainting: latent, then the extra channels (mask, masked-image latent) along dim 1
             x = torch.cat([x, c_concat.to(x)], dim=1)
         return self.diffusion_model(x, t, c_crossattn, y=y, control=control)

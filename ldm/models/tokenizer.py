@@ -118,6 +118,9 @@ def tokenize(prompts: str | Sequence[str], context_length: int = CONTEXT_LENGTH,
     """
     if isinstance(prompts, str):
         prompts = [prompts]
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompts must be strings; prompts[{i}] is of type {type(prompt).__name__}")
     if context_length < 2:
         raise ValueError(f"context_length must leave room for start and end tokens, got {context_length}")
     if convention not in PAD:

@@ -356,6 +356,10 @@ def check_inputs(unet: UNetModel, x, timesteps, context, y, control) -> None:
             raise ValueError(f"context must be (B, tokens, width), got {tuple(context.shape)}")
         if context.shape[0] != b:
             raise ValueError(f"context batch {context.shape[0]} does not match x batch {b}")
+        widths = cfg.context_dim if isinstance(cfg.context_dim, tuple) else (cfg.context_dim,)
+        if cfg.context_dim is not None and context.shape[2] not in widths:
+            raise ValueError(f"context width {context.shape[2]} does not match the UNet's context_dim "
+                             f"{cfg.context_dim}")
     if (y is None) != (cfg.num_classes is None):
         raise ValueError("y must be given exactly when the UNet is class- or vector-conditioned "
                          f"(num_classes={cfg.num_classes!r})")
