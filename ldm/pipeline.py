@@ -80,20 +80,30 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 def make_denoiser(model, prompts: list[str], negative_prompt: str | Sequence[str] = "",
-                  scale: float = 7.5) -> CFGDenoiser:
+                  scale: float = 7.5, controls: Sequence | None = None, guess_mode: bool = False) -> CFGDenoiser:
     """The sampler's view of the model: eps/v wrapper around `model.apply_model`, with classifier-free guidance.
 
     As the original scripts, the unconditional branch is the encoding of "" (or of the negative prompt)
     for every sample, and scale 1 skips it (ddim.py calls the model once when the guidance scale is 1).
     The sampler works in float32 whatever the model's dtype; the UNet casts its inputs to its own.
+
+    controls: ControlNets with their hints and scales (ldm.models.controlnet.Control, e.g. from `controls()`
+    there), part of the conditioning of both branches, or in `guess_mode` of the conditional one only (the
+    demos' un_cond with c_concat None). Then the branches run as two calls, conditional first, as
+    ControlNet's cldm/ddim_hacked.py does (it calls apply_model once per branch), so that the batch sizes, and
+    with them the kernels' rounding, are the original's.
     """
     cond = model.conditioning(prompts)
     uncond = None
     if scale != 1.0:
         uncond = model.conditioning(_as_list(negative_prompt, len(prompts)))
+    if controls:
+        cond = {**cond, "control": list(controls)}
+        if uncond is not None and not guess_mode:
+            uncond = {**uncond, "control": list(controls)}
     # timestep options (integer or fractional t) are the sampler registry's business (SamplerSpec.timing)
     denoiser = Denoiser(model.apply_model, model.alphas_cumprod, model.parameterization)
-    return CFGDenoiser(denoiser, scale, cond=cond, uncond=uncond)
+    return CFGDenoiser(denoiser, scale, cond=cond, uncond=uncond, batched=not controls)
 
 
 def decode(model, latents: torch.Tensor) -> torch.Tensor:
@@ -132,14 +142,15 @@ def sample(model, prompts: str | Sequence[str], *, negative_prompt: str | Sequen
            eta: float = 0.0, options: dict | None = None, shape: Sequence[int], generator: torch.Generator,
            x_T: torch.Tensor | None = None, init_latent: torch.Tensor | None = None,
            strength: float | None = None, callback: Callable | None = None,
-           disable: bool = False) -> torch.Tensor:
+           disable: bool = False, controls: Sequence | None = None, guess_mode: bool = False) -> torch.Tensor:
     """Latents for one batch; draws x_T (or the img2img forward noise) from `generator` unless given.
-    `options`: the sampler's own options (ldm.samplers.SamplerSpec.options)."""
+    `options`: the sampler's own options (ldm.samplers.SamplerSpec.options); `controls`, `guess_mode`:
+    ControlNets (make_denoiser)."""
     if model.conditioning_key == "hybrid":
         raise ValueError("inpainting (hybrid) models need a mask and a masked image; txt2img/img2img "
                          "do not support them")
     device = model_device(model)
-    denoiser = make_denoiser(model, list(prompts), negative_prompt, scale)
+    denoiser = make_denoiser(model, list(prompts), negative_prompt, scale, controls, guess_mode)
     if x_T is None:
         x_T = randn(shape, generator, device)
     return samplers.sample(denoiser, x_T.to(device), sampler=sampler, steps=steps, schedule=schedule,
@@ -152,8 +163,9 @@ def txt2img(model, prompts: str | Sequence[str], *, negative_prompt: str | Seque
             eta: float = 0.0, options: dict | None = None, H: int = 512, W: int = 512, C: int = 4, f: int = 8,
             seed: int | None = None, generator: torch.Generator | None = None, n_samples: int | None = None,
             x_T: torch.Tensor | None = None, callback: Callable | None = None,
-            disable: bool = False) -> torch.Tensor:
-    """Images for `prompts` (a list, or one string repeated n_samples times): (B, 3, H, W) in [0, 1]."""
+            disable: bool = False, controls: Sequence | None = None, guess_mode: bool = False) -> torch.Tensor:
+    """Images for `prompts` (a list, or one string repeated n_samples times): (B, 3, H, W) in [0, 1].
+    `controls`, `guess_mode`: ControlNets with their hints (make_denoiser)."""
     prompts = _as_list(prompts, n_samples)
     if H % f or W % f:
         raise ValueError(f"H and W must be multiples of f={f} (got {H}x{W})")
@@ -161,7 +173,8 @@ def txt2img(model, prompts: str | Sequence[str], *, negative_prompt: str | Seque
     latents = sample(model, prompts, negative_prompt=negative_prompt, sampler=sampler, steps=steps,
                      schedule=schedule, scale=scale, eta=eta, options=options,
                      shape=(len(prompts), C, H // f, W // f),
-                     generator=generator, x_T=x_T, callback=callback, disable=disable)
+                     generator=generator, x_T=x_T, callback=callback, disable=disable, controls=controls,
+                     guess_mode=guess_mode)
     with torch.no_grad():
         return to_unit(decode(model, latents))
 
@@ -171,7 +184,8 @@ def img2img(model, init_image: torch.Tensor, prompts: str | Sequence[str], *, st
             schedule: str = "uniform", scale: float = 5.0, eta: float = 0.0, options: dict | None = None,
             seed: int | None = None,
             generator: torch.Generator | None = None, n_samples: int | None = None,
-            callback: Callable | None = None, disable: bool = False) -> torch.Tensor:
+            callback: Callable | None = None, disable: bool = False, controls: Sequence | None = None,
+            guess_mode: bool = False) -> torch.Tensor:
     """Variations of `init_image` ((1 or B, 3, H, W) in [-1, 1]): (B, 3, H, W) images in [0, 1].
 
     As the original img2img.py: the init image is repeated to the batch and encoded (one posterior sample
@@ -187,8 +201,8 @@ def img2img(model, init_image: torch.Tensor, prompts: str | Sequence[str], *, st
         init_latent = encode_image(model, init_image, generator)
     latents = sample(model, prompts, negative_prompt=negative_prompt, sampler=sampler, steps=steps,
                      schedule=schedule, scale=scale, eta=eta, options=options, shape=init_latent.shape,
-                     generator=generator,
-                     init_latent=init_latent, strength=strength, callback=callback, disable=disable)
+                     generator=generator, init_latent=init_latent, strength=strength, callback=callback,
+                     disable=disable, controls=controls, guess_mode=guess_mode)
     with torch.no_grad():
         return to_unit(decode(model, latents))
 
@@ -215,7 +229,7 @@ def generate(model, prompts: Sequence[str], *, n_samples: int, latent_shape: Seq
     batch is padded with its last prompt to n_samples (the original fails on it), so that every batch draws
     the same amount of noise; the padding's latents are dropped. `autocast`: run under torch.autocast of the
     model's device type with that dtype. `sampling`: sample()'s sampler options (sampler, steps, schedule,
-    scale, eta, options, negative_prompt).
+    scale, eta, options, negative_prompt) and ControlNets (controls, guess_mode).
     """
     device = model_device(model)
     generator = torch.Generator(device="cpu").manual_seed(seed)
