@@ -26,6 +26,7 @@ from ldm.loader import CONTROL, EMA_PREFIX, IGNORED, TEXT, UNET, VAE, LoadPlan, 
 
 LAYOUTS = ("v1.0 ControlLDM", "v1.1 control_model", "extracted")
 SD_PART = (UNET, VAE, TEXT, EMA_PREFIX)  # the Stable Diffusion model of a v1.0 file
+SD_RULES = {name: rule for name, rule in IGNORED.items() if name != "ControlNet weights"}  # the rest of it
 
 
 def layout(ckpt: Mapping) -> str:
@@ -59,7 +60,7 @@ def plan_controlnet_load(net: torch.nn.Module, ckpt: Mapping) -> LoadPlan:
             continue
         if prefix and key.startswith(SD_PART):
             plan.ignored[key] = "Stable Diffusion part of a ControlLDM file"
-        elif prefix and (rule := next((n for n, applies in IGNORED.items() if applies(key)), None)) is not None:
+        elif prefix and (rule := next((n for n, applies in SD_RULES.items() if applies(key)), None)) is not None:
             plan.ignored[key] = rule  # its schedule buffers, logvar
         else:
             plan.unexpected.append(key)

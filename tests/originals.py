@@ -4,6 +4,7 @@ nothing here is imported by the tests themselves."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 import types
@@ -24,3 +25,24 @@ def import_original(repo: Path, modules: list[str], package: str = "ldm") -> lis
         for k in [k for k in sys.modules if k == package or k.startswith(package + ".")]:
             sys.modules.pop(k)
         sys.modules.update(ours)
+
+
+@contextlib.contextmanager
+def original_tree(repo: Path, packages: tuple[str, ...] = ("ldm",)):
+    """While active, `import <package>...` resolves to the original tree `repo` (for code that imports at run
+    time, e.g. the originals' instantiate_from_config); our own modules of those names are set aside and
+    restored afterwards, and the original's are dropped."""
+    def ours(name):
+        return any(name == p or name.startswith(p + ".") for p in packages)
+
+    saved = {k: sys.modules.pop(k) for k in list(sys.modules) if ours(k)}
+    path = list(sys.path)
+    sys.path[:] = [str(repo)] + [p for p in path if not any((Path(p or ".") / q / "__init__.py").exists()
+                                                            for q in packages)]
+    try:
+        yield
+    finally:
+        sys.path[:] = path
+        for k in [k for k in sys.modules if ours(k)]:
+            sys.modules.pop(k)
+        sys.modules.update(saved)

@@ -89,6 +89,9 @@ def validate(opts: argparse.Namespace, mode: str) -> None:
         raise CLIError(f"--outdir {opts.outdir} exists and is not a directory")
     opts.device = resolve_device(opts.device)
     validate_speed_flags(opts)
+    from ldm.cli import control
+
+    control.validate(opts)
 
 
 def validate_speed_flags(opts: argparse.Namespace) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ldm import pipeline, png_info
-from ldm.cli import inputs, record, run
+from ldm.cli import control, inputs, record, run
 from ldm.cli.flags import CLIError, Parser, add_model_flags, build_parser
 
 
@@ -28,6 +28,11 @@ def build_parser_rerun() -> argparse.ArgumentParser:
     p.add_argument("--init-img", type=str, default=None, help="init image of an img2img result "
                    "(default: the recorded path; its hash must match)")
     p.add_argument("--outdir", type=str, default="outputs/rerun-samples", help="dir to write the result to")
+    for flag, what in (("--control", "ControlNet files"), ("--control_config", "ControlNet configs"),
+                       ("--control_image", "control images")):
+        p.add_argument(flag, action="append", default=None,
+                       help=f"{what} of a ControlNet result, in the recorded order (default: the recorded paths; "
+                            "the files' hashes must match)")
     p.add_argument("--device", type=str, default=None, help="torch device (default: CUDA if available, else cpu)")
     return p
 
@@ -51,6 +56,15 @@ def rerun(args: argparse.Namespace) -> None:
         opts.prepack = False  # a CPU-only path; elsewhere the plain kernels (rounding may differ anyway)
     if mode == "img2img":  # resized to the recorded size, as the run did (rounding to multiples of 32)
         opts.init_img = args.init_img or fields.get("Init image")
+    vars(opts).update(control.options_from_fields(fields))
+    for name in ("control", "control_config", "control_image"):
+        recorded, given = getattr(opts, name), getattr(args, name)
+        if given:
+            if not recorded or len(given) != len(recorded):
+                raise CLIError(f"the image records {len(recorded or [])} --{name}, got {len(given)}")
+            if name == "control":  # the recorded strengths stay
+                given = [f"{path}:{control.split_strength(spec)[1]!r}" for path, spec in zip(given, recorded)]
+            setattr(opts, name, given)
     if ("VAE hash" in fields) != (opts.vae is not None):
         raise CLIError(f"the image was made with --vae {fields['VAE']}" if "VAE hash" in fields
                        else "the image was made without --vae")
@@ -63,6 +77,7 @@ def rerun(args: argparse.Namespace) -> None:
                 raise CLIError(f"{key} {value} differs from the image's {fields.get(key)}")
         if mode == "img2img":
             hashes["Init image"] = fields["Init image"]  # keep the recorded name when given elsewhere
+        hashes.update(control.path_fields(fields))
 
     model, prompts, init_image = run.prepare(opts, mode, before_load=check_hashes)
     for number, _, latents in run.generate(opts, model, prompts, init_image):

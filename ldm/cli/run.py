@@ -19,7 +19,7 @@ import torch
 
 import ldm
 from ldm import fast, pipeline, png_info
-from ldm.cli import inputs, record
+from ldm.cli import control, inputs, record
 from ldm.cli.flags import PRECISIONS, CLIError, build_parser
 
 SAMPLE_NAME, SAMPLE_TEMPLATE = r"(\d{5,})\.png", "{:05}.png"
@@ -37,8 +37,10 @@ def apply_speed_flags(opts: argparse.Namespace, model) -> None:
 def load(opts: argparse.Namespace):
     """The model on opts.device in the --precision dtype, checked against the flags (CLIError if not)."""
     # with --offload the weights stay in CPU memory and each part visits the device only while it runs
+    # a ControlLDM --config: the whole ControlLDM, or with --control files its Stable Diffusion part alone
     model = ldm.load_model(opts.config, opts.ckpt, device="cpu" if opts.offload else opts.device,
-                           dtype=PRECISIONS[opts.precision], ema=not opts.no_ema, vae_path=opts.vae)
+                           dtype=PRECISIONS[opts.precision], ema=not opts.no_ema, vae_path=opts.vae,
+                           with_control=not getattr(opts, "controls", None))
     inputs.check_model(opts, model)
     apply_speed_flags(opts, model)
     return model
@@ -58,7 +60,8 @@ def generate(opts: argparse.Namespace, model, prompts: list[str],
         seed=opts.seed, n_iter=opts.n_iter, fixed_code=opts.fixed_code, init_image=init_image,
         strength=getattr(opts, "strength", None), autocast=autocast_dtype(opts), sampler=opts.sampler,
         steps=opts.ddim_steps, schedule=opts.schedule, scale=opts.scale, eta=opts.ddim_eta,
-        negative_prompt=opts.negative_prompt)
+        negative_prompt=opts.negative_prompt, controls=getattr(opts, "control_entries", None),
+        guess_mode=getattr(opts, "guess_mode", False))
 
 
 def decode(opts: argparse.Namespace, model, latents: torch.Tensor) -> torch.Tensor:
@@ -75,6 +78,7 @@ def file_hashes(opts: argparse.Namespace, mode: str) -> dict[str, str]:
         hashes.update({"VAE hash": png_info.file_hash(opts.vae), "VAE": os.path.basename(opts.vae)})
     if mode == "img2img":
         hashes.update({"Init image": opts.init_img, "Init image hash": png_info.file_hash(opts.init_img)})
+    hashes.update(control.fields(opts))
     return hashes
 
 
@@ -87,9 +91,11 @@ def prepare(opts: argparse.Namespace, mode: str, before_load=None):
     if mode == "img2img":
         init_image = inputs.load_init_image(opts.init_img, opts.W, opts.H)
         opts.H, opts.W = init_image.shape[2:]
+    hints = control.read_hints(opts)
     if before_load is not None:
         before_load()
     model = load(opts)
+    opts.control_entries = control.load_controls(opts, model, hints)
     inputs.check_run(opts, model)
     inputs.warn_long_prompts(model, prompts + [opts.negative_prompt])
     return model, prompts, init_image

@@ -170,6 +170,12 @@ class ControlLDM(LatentDiffusion):
         self.control_key = cfg.control_key
         self.control_scales = list(control_scales())  # as the original: set it to change the strength
 
+    # the original's ControlLDM attributes, kept on the ControlNet (they go wherever it goes)
+    only_mid_control = property(lambda self: self.control_model.only_mid_control,
+                                lambda self, value: setattr(self.control_model, "only_mid_control", value))
+    global_average_pooling = property(lambda self: self.control_model.global_average_pooling,
+                                      lambda self, v: setattr(self.control_model, "global_average_pooling", v))
+
     def networks(self) -> dict[str, nn.Module]:
         return {**super().networks(), "control": self.control_model}
 
