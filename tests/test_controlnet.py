@@ -92,12 +92,12 @@ class FakeCv2:
         return self.edges.copy()
 
 
-# Latents: both sides run float32 on the CPU with different op orders (our VE-form DDIM and modules against the
-# VP-form ddim_hacked and the original modules); measured worst differences 2e-5 .. 4e-4 over the cases (the
-# 5-step guidance at scale 7.5 magnifies rounding), far below what a wrong hint, scale or branch gives (the
-# fp16 weights of the extracted file alone move them by 1.6e-2). Images: within one uint8 level (truncation
-# of values that differ by ~1e-5 can land either side of an integer).
-LATENT_ATOL = 2e-3
+# Latents (values of magnitude ~5): both sides run float32 on the CPU with different op orders (our VE-form DDIM
+# and modules against the VP-form ddim_hacked and the original modules); measured worst differences 1.5e-5 ..
+# 1.1e-4 over the cases (guess mode the largest), far below what a wrong hint, scale or branch gives: the fp16
+# rounding of the extracted file's weights alone moves them by 1.6e-2. Images: within one uint8 level
+# (truncation of values that differ by ~1e-5 can land either side of an integer).
+LATENT_ATOL = 5e-4
 
 
 @pytest.mark.parametrize("case", list(mf.CASES))
@@ -161,7 +161,7 @@ def test_apply_model_matches_the_original(case, sd_shaped, fixture):
             assert torch.equal(model.apply_model(inputs["x"], inputs["t"], ours), eps)
     finally:
         model.only_mid_control = model.global_average_pooling = False
-    # float32, different op orders (our UNet and attention vs the original modules): measured 1.2e-6
+    # float32, different op orders (our UNet and attention vs the original modules): measured 1.7e-6 .. 3.4e-6
     torch.testing.assert_close(eps, fixture[0][f"apply.{case}"], rtol=0, atol=2e-5)
 
 
