@@ -13,7 +13,8 @@ state dict (.safetensors), with
 
 Weights depend only on (seed, key, shape), never on module construction order: each tensor has its own
 CPU generator seeded from a hash of the key. Matrices and convolutions get std 1/sqrt(fan_in) so
-activations stay O(1) through the network (a ControlNet's hint encoder 2/sqrt(fan_in), see random_tensor); 1-D weights (all norms) are 1 + 0.1 N(0, 1); biases 0.05 N(0, 1).
+activations stay O(1) through the network (a ControlNet's hint encoder 2/sqrt(fan_in), see random_tensor);
+1-D weights (all norms) are 1 + 0.1 N(0, 1); biases 0.05 N(0, 1).
 """
 
 from __future__ import annotations

@@ -62,7 +62,8 @@ def validate(opts: argparse.Namespace) -> None:
     opts.controls = [split_strength(spec) for spec in opts.control or []]
     cldm_config = _is_control_ldm(opts.config)
     used = bool(opts.controls) or cldm_config
-    given = [flag for flag, value in (("--control_image", opts.control_image), ("--control_config", opts.control_config),
+    given = [flag for flag, value in (("--control_image", opts.control_image),
+                                      ("--control_config", opts.control_config),
                                       ("--control_preprocess", opts.control_preprocess),
                                       ("--guess_mode", opts.guess_mode)) if value]
     if not used:
@@ -150,6 +151,8 @@ def load_controls(opts: argparse.Namespace, model, hints: list[torch.Tensor] | N
         for (path, strength), config in zip(opts.controls, opts.control_config):
             net = ldm.load_controlnet(config, path, device=opts.device, dtype=PRECISIONS[opts.precision])
             mismatch = encoder_mismatch(net.cfg, model.config.unet)
+            if net.cfg.hint_channels != 3:
+                mismatch = f"it takes a hint of {net.cfg.hint_channels} channels, the command line gives RGB images"
             if mismatch:
                 raise CLIError(f"ControlNet {path} ({config}) does not fit the model of {opts.config}: {mismatch}")
             nets.append(net)
