@@ -586,7 +586,7 @@ def run_config(args, config_path: str, size: int, dtype_name: str) -> dict:
         control = _bench_controlnet()
         nets = control.build(ROOT, cfg, device, dtype, args.seed, random_checkpoint, adopt)
         result["control"] = control.bench_control(cfg, models[args.ldm[0]], dmodels[reference], nets, args, device,
-                                                  dtype, meter, size // 8, alternate, rel_err)
+                                                  dtype, meter, size // 8, alternate, rel_err, unet_step_flops)
     return result
 
 

@@ -14,7 +14,7 @@ alternating per round, one classifier-free-guidance step (batch 2) of each side'
 + UNet (diffusers: ControlNetModel, then UNet2DConditionModel with down/mid_block_additional_residual; ldm:
 apply_model with a Control entry). Reported per side: the step's median time with and without the ControlNet,
 the cost of the ControlNet (with / without), the ControlNet's weights (MB) and the step's peak memory rise;
-and ldm / diffusers of the controlled step.
+ldm / diffusers of the controlled step; and the ControlNet's FLOPs against the UNet's, counted.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def control_config_path(cfg) -> str:
 def build(root, cfg, device, dtype, seed, random_checkpoint, adopt) -> dict:
     """ldm's and diffusers' ControlNet on the same random original-layout tensors."""
     from diffusers import ControlNetModel
+    from diffusers.loaders import single_file_utils
     from diffusers.loaders.single_file_utils import (convert_controlnet_checkpoint,
                                                      create_controlnet_diffusers_config_from_ldm)
 
@@ -52,7 +53,16 @@ def build(root, cfg, device, dtype, seed, random_checkpoint, adopt) -> dict:
     ckpt = {k: v.to(device, dtype) for k, v in ckpt.items()}
     original_config = yaml.safe_load((root / path).read_text())
     prefixed = {"control_model." + k: v for k, v in ckpt.items()}
-    config = create_controlnet_diffusers_config_from_ldm(original_config, prefixed)
+    # diffusers 0.42.1's create_controlnet_diffusers_config_from_ldm calls create_unet_diffusers_config_from_ldm
+    # without its `checkpoint` argument (a TypeError, so its from_single_file fails on original ControlNet
+    # files too): hand it the checkpoint through a shim, the rest is diffusers' own code
+    unet_config_fn = single_file_utils.create_unet_diffusers_config_from_ldm
+    single_file_utils.create_unet_diffusers_config_from_ldm = (
+        lambda original_config, checkpoint=prefixed, **kwargs: unet_config_fn(original_config, checkpoint, **kwargs))
+    try:
+        config = create_controlnet_diffusers_config_from_ldm(original_config, prefixed)
+    finally:
+        single_file_utils.create_unet_diffusers_config_from_ldm = unet_config_fn
     converted = convert_controlnet_checkpoint(prefixed, config)
     assert len(converted) == len(ckpt), (len(converted), len(ckpt))  # one-to-one, nothing dropped
     with torch.device("meta"):
@@ -60,8 +70,25 @@ def build(root, cfg, device, dtype, seed, random_checkpoint, adopt) -> dict:
     return {"config": path, "ldm": adopt(net, ckpt), "diffusers": adopt(dnet, converted)}
 
 
+def control_flops(net_cfg, unet_flops: int, latent_side: int, batch: int = 2) -> dict:
+    """FLOPs of one ControlNet forward (batch 2, 77-token context, the hint at 8x the latent), counted by torch's
+    FlopCounterMode on the meta device as bench.unet_step_flops counts the UNet's, and their ratio."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        net = ControlNet(net_cfg)
+        x = torch.empty(batch, net_cfg.in_channels, latent_side, latent_side)
+        hint = torch.empty(batch, net_cfg.hint_channels, 8 * latent_side, 8 * latent_side)
+        context = torch.empty(batch, 77, net_cfg.context_dim)
+    t = torch.zeros(batch, dtype=torch.long, device="meta")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(x, hint, t, context)
+    flops = counter.get_total_flops()
+    return {"control_tflop": flops / 1e12, "unet_tflop": unet_flops / 1e12, "flop_ratio": flops / unet_flops}
+
+
 def bench_control(cfg, model, dparts: dict, nets: dict, args, device, dtype, meter, h: int, alternate,
-                  rel_err) -> dict:
+                  rel_err, unet_flops) -> dict:
     """Parity, then alternating timings of the UNet step alone and with one ControlNet (module docstring)."""
     g = torch.Generator().manual_seed(args.seed + 4)
     x = torch.randn(2, cfg.unet.in_channels, h, h, generator=g).to(device, dtype)
@@ -91,7 +118,8 @@ def bench_control(cfg, model, dparts: dict, nets: dict, args, device, dtype, met
     print(f"  parity ldm vs diffusers (max abs diff / max abs): {parity}", flush=True)
     median = {name: statistics.median(s["wall_ms"] for s in runs) for name, runs in samples.items()}
     rise = {name: min(s["rise_mb"] for s in runs) for name, runs in samples.items()}
-    out = {"config": nets["config"], "parity": parity, "rows": []}
+    out = {"config": nets["config"], "parity": parity, "rows": [],
+           "flops": control_flops(nets["ldm"].cfg, unet_flops(cfg, h), h)}
     for side in ("ldm", "diffusers"):
         net = nets[side]
         out["rows"].append({
@@ -114,3 +142,6 @@ def print_rows(control: dict) -> None:
         print(f"{r['variant']:10s} {r['step_ms']:9.0f} {r['step_control_ms']:12.0f} {r['control_cost']:6.3f} "
               f"{r['control_weights_mb']:11.0f} {r['rise_mb']:8.0f} {r['rise_control_mb']:17.0f}")
     print(f"controlled step, ldm / diffusers: {control['ldm_vs_diffusers_controlled']:.3f}")
+    f = control["flops"]
+    print(f"FLOPs: ControlNet {f['control_tflop']:.3f} TFLOP, UNet {f['unet_tflop']:.3f} TFLOP per CFG step "
+          f"(ControlNet / UNet {f['flop_ratio']:.3f})")
