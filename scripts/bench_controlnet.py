@@ -117,6 +117,8 @@ def bench_control(cfg, model, dparts: dict, nets: dict, args, device, dtype, met
     parity["controlled_unet"] = rel_err(outputs["ldm+control"], outputs["diffusers+control"])
     print(f"  parity ldm vs diffusers (max abs diff / max abs): {parity}", flush=True)
     median = {name: statistics.median(s["wall_ms"] for s in runs) for name, runs in samples.items()}
+    # process CPU time: with --threads 1 the compute itself, unlike wall time not stretched by other processes
+    cpu = {name: statistics.median(s["cpu_ms"] for s in runs) for name, runs in samples.items()}
     rise = {name: min(s["rise_mb"] for s in runs) for name, runs in samples.items()}
     out = {"config": nets["config"], "parity": parity, "rows": [],
            "flops": control_flops(nets["ldm"].cfg, unet_flops(cfg, h), h)}
@@ -125,23 +127,28 @@ def bench_control(cfg, model, dparts: dict, nets: dict, args, device, dtype, met
         out["rows"].append({
             "variant": side, "step_ms": median[side], "step_control_ms": median[side + "+control"],
             "control_cost": median[side + "+control"] / median[side],
+            "step_cpu_ms": cpu[side], "step_control_cpu_ms": cpu[side + "+control"],
+            "control_cost_cpu": cpu[side + "+control"] / cpu[side],
             "control_weights_mb": sum(p.numel() * p.element_size() for p in net.parameters()) / 2**20,
             "rise_mb": rise[side], "rise_control_mb": rise[side + "+control"],
             "wall_ms": [round(s["wall_ms"], 1) for s in samples[side + "+control"]]})
     out["ldm_vs_diffusers_controlled"] = median["ldm+control"] / median["diffusers+control"]
+    out["ldm_vs_diffusers_controlled_cpu"] = cpu["ldm+control"] / cpu["diffusers+control"]
     return out
 
 
 def print_rows(control: dict) -> None:
     print(f"\none ControlNet ({control['config']}), CFG step at batch 2; parity {control['parity']}")
-    head = f"{'variant':10s} {'step ms':>9s} {'+control ms':>12s} {'cost':>6s} {'weights MB':>11s} " \
-           f"{'rise MB':>8s} {'+control rise MB':>17s}"
+    head = f"{'variant':10s} {'step ms':>9s} {'+control ms':>12s} {'cost':>6s} {'cpu ms':>8s} {'+control cpu':>13s} " \
+           f"{'cost':>6s} {'weights MB':>11s} {'rise MB':>8s} {'+control rise MB':>17s}"
     print(head)
     print("-" * len(head))
     for r in control["rows"]:
         print(f"{r['variant']:10s} {r['step_ms']:9.0f} {r['step_control_ms']:12.0f} {r['control_cost']:6.3f} "
+              f"{r['step_cpu_ms']:8.0f} {r['step_control_cpu_ms']:13.0f} {r['control_cost_cpu']:6.3f} "
               f"{r['control_weights_mb']:11.0f} {r['rise_mb']:8.0f} {r['rise_control_mb']:17.0f}")
-    print(f"controlled step, ldm / diffusers: {control['ldm_vs_diffusers_controlled']:.3f}")
+    print(f"controlled step, ldm / diffusers: {control['ldm_vs_diffusers_controlled']:.3f} wall, "
+          f"{control['ldm_vs_diffusers_controlled_cpu']:.3f} cpu")
     f = control["flops"]
     print(f"FLOPs: ControlNet {f['control_tflop']:.3f} TFLOP, UNet {f['unet_tflop']:.3f} TFLOP per CFG step "
           f"(ControlNet / UNet {f['flop_ratio']:.3f})")
