@@ -1,4 +1,6 @@
 """Generate tests/fixtures/controlnet.safetensors: outputs of the ORIGINAL ControlNet code on tiny random models.
+(Longer than the house's ~350 lines: it drives the original code through ten command-line cases and five
+apply_model cases, with the stubs and key renames that takes.)
 
 Run with the reference environment (none of its packages is a dependency of ldm):
 
