@@ -31,6 +31,7 @@ UNET_MODEL = "ldm.modules.diffusionmodules.openaimodel.UNetModel"
 AUTOENCODER_KL = "ldm.models.autoencoder.AutoencoderKL"
 FROZEN_CLIP_EMBEDDER = "ldm.modules.encoders.modules.FrozenCLIPEmbedder"
 FROZEN_OPENCLIP_EMBEDDER = "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder"
+CONTROL_LDM = "cldm.cldm.ControlLDM"  # lllyasviel/ControlNet: read by ldm/config_controlnet.py
 
 
 @dataclass(frozen=True)
@@ -236,8 +237,9 @@ _COMPONENTS = {  # yaml section -> (dataclass field, dataclass, accepted targets
 }
 
 
-def _component(section: str, data: Any, where: str, src: str) -> Any:
-    name, cls, targets = _COMPONENTS[section]
+def _component(section: str, data: Any, where: str, src: str, targets: tuple[str, ...] | None = None) -> Any:
+    name, cls, default_targets = _COMPONENTS[section]
+    targets = targets or default_targets
     if not isinstance(data, Mapping):
         raise ConfigError(f"{src}: {where} must be a mapping with 'target' and 'params', got {data!r}")
     for key in data:
@@ -271,7 +273,8 @@ def _text_encoder(params: Any, target: str, where: str, src: str) -> TextEncoder
 
 
 def parse_config(data: Any, src: str = "<config>") -> LatentDiffusionConfig:
-    """Read the contents of an original yaml (as plain Python data) into a LatentDiffusionConfig.
+    """Read the contents of an original yaml (as plain Python data) into a LatentDiffusionConfig (a
+    ControlLDMConfig for lllyasviel/ControlNet's `cldm.cldm.ControlLDM`, ldm/config_controlnet.py).
 
     Other top-level sections (`data`, `lightning` of training yamls and of the released
     v2-inpainting-inference.yaml) are ignored, as the original scripts read only `config.model`.
@@ -286,25 +289,37 @@ def parse_config(data: Any, src: str = "<config>") -> LatentDiffusionConfig:
         if key not in ("base_learning_rate", "target", "params"):
             raise ConfigError(f"{src}: unknown field model.{key!r} (expected base_learning_rate, target, params)")
     target = model.get("target")
+    if target == CONTROL_LDM:
+        from ldm.config_controlnet import parse_control_ldm
+
+        return parse_control_ldm(model, src)
     if target not in (LATENT_DIFFUSION, LATENT_INPAINT_DIFFUSION):
         raise ConfigError(f"{src}: unknown target model.target={target!r} "
-                          f"(supported: {LATENT_DIFFUSION}, {LATENT_INPAINT_DIFFUSION})")
+                          f"(supported: {LATENT_DIFFUSION}, {LATENT_INPAINT_DIFFUSION}, {CONTROL_LDM})")
+    return parse_model(model, src)
+
+
+def parse_model(model: Mapping, src: str, cls: type = LatentDiffusionConfig,
+                unet_targets: tuple[str, ...] = (UNET_MODEL,), **given: Any) -> LatentDiffusionConfig:
+    """The `model:` section (target already checked) read into `cls` (LatentDiffusionConfig or a subclass,
+    whose own fields come in `given` or from the params), its UNet's target one of `unet_targets`."""
+    target = model["target"]
     params = dict(model.get("params") or {})
-    for key in ("target", "base_learning_rate") + tuple(n for n, _, _ in _COMPONENTS.values()):
+    for key in ("target", "base_learning_rate") + tuple(n for n, _, _ in _COMPONENTS.values()) + tuple(given):
         if key in params:
             raise ConfigError(f"{src}: unknown field model.params.{key!r}")
     components = {}
     for section, (name, _, _) in _COMPONENTS.items():
         if section not in params:
             raise ConfigError(f"{src}: missing required field model.params.{section}")
-        components[name] = _component(section, params.pop(section), f"model.params.{section}", src)
-    if target == LATENT_DIFFUSION:
+        targets = unet_targets if section == "unet_config" else None
+        components[name] = _component(section, params.pop(section), f"model.params.{section}", src, targets)
+    if target != LATENT_INPAINT_DIFFUSION:
         for key in _INPAINT_ONLY:
             if key in params:
                 raise ConfigError(f"{src}: field model.params.{key} is only accepted by {LATENT_INPAINT_DIFFUSION}")
     lr = convert(float | None, model.get("base_learning_rate"), "model.base_learning_rate", src)
-    cfg = build(LatentDiffusionConfig, params, "model.params", src, target=target, base_learning_rate=lr,
-                 **components)
+    cfg = build(cls, params, "model.params", src, target=target, base_learning_rate=lr, **components, **given)
     _check_supported(cfg, src)
     check_ranges(cfg, src)  # values the original divides by or allocates with (ldm/config_checks.py)
     return cfg

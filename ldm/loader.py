@@ -44,6 +44,7 @@ VAE = "first_stage_model."
 TEXT = "cond_stage_model."
 CLIP_NEW, CLIP_OLD = TEXT + "transformer.text_model.", TEXT + "transformer."
 EMA_PREFIX = "model_ema."
+CONTROL = "control_model."  # lllyasviel/ControlNet ControlLDM's ControlNet (ldm/controlnet_loader.py)
 EMA_BOOKKEEPING = (EMA_PREFIX + "decay", EMA_PREFIX + "num_updates")
 # Checkpoint keys that may be left unused, by rule name. A rule only applies to a key the model does not
 # take (a model that has e.g. `logit_scale` gets the file's value).
@@ -60,6 +61,8 @@ IGNORED = {
     # loss (LPIPS/discriminator); the original's inference (load_state_dict strict=False) ignores them too
     # and takes scale_factor from the yaml
     "training state": lambda key: key in ("scale_factor", "logvar") or key.startswith(VAE + "loss."),
+    # a v1.0 ControlNet file (cldm.py ControlLDM) read as Stable Diffusion only: ldm.load_controlnet reads these
+    "ControlNet weights": lambda key: key.startswith(CONTROL),
 }
 # In a standalone VAE file (vae-ft-mse-840000-ema-pruned.ckpt): the autoencoder's training loss (LPIPS,
 # discriminator, logvar) and LitEma bookkeeping; its EMA is already folded into the weights.
@@ -225,17 +228,19 @@ def check_position_ids(ckpt: Mapping[str, torch.Tensor], path) -> None:
 
 
 def load_model(config_path: str | os.PathLike, ckpt_path: str | os.PathLike, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32, ema: bool = True, vae_path: str | os.PathLike | None = None):
+               dtype: torch.dtype = torch.float32, ema: bool = True, vae_path: str | os.PathLike | None = None,
+               with_control: bool = True):
     """The LatentDiffusion of `config_path` with the weights of `ckpt_path` (.ckpt/.pt/.safetensors), in eval
     mode with requires_grad False. ema=True uses the EMA UNet weights when the file has them; `vae_path`
-    replaces the checkpoint's autoencoder with a standalone VAE file's."""
+    replaces the checkpoint's autoencoder with a standalone VAE file's. A ControlLDM config gives a ControlLDM
+    with the file's ControlNet, or with with_control=False the Stable Diffusion part alone."""
     from ldm.config import ConfigError, load_config
     from ldm.models.latent_diffusion import build_model
 
     device = torch.device(device)
     cfg = load_config(config_path)
     try:
-        model = build_model(cfg, device="meta", dtype=dtype)
+        model = build_model(cfg, device="meta", dtype=dtype, with_control=with_control)
     except (ValueError, NotImplementedError) as err:  # options the modules refuse: name the file
         raise ConfigError(f"{os.fspath(config_path)}: cannot build the model: {err}") from err
     ckpt = read_state_dict(ckpt_path)
@@ -247,7 +252,12 @@ def load_model(config_path: str | os.PathLike, ckpt_path: str | os.PathLike, dev
     plan.raise_if_incomplete(where)
     check_schedule(model, ckpt, ckpt_path)
     check_position_ids(ckpt, ckpt_path)
+    return assign_weights(model, ckpt, plan, device)
 
+
+def assign_weights(model: nn.Module, ckpt: dict, plan: LoadPlan, device: torch.device) -> nn.Module:
+    """Fill meta-built `model` from `ckpt` as `plan` says (consuming ckpt's entries), on `device`, in the
+    dtypes the model was built with; eval mode, requires_grad False."""
     targets = model.state_dict()
     state = {}
     for key, source in plan.sources.items():

@@ -81,7 +81,8 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 def make_denoiser(model, prompts: list[str], negative_prompt: str | Sequence[str] = "",
-                  scale: float = 7.5, text=None) -> CFGDenoiser:
+                  scale: float = 7.5, text=None, controls: Sequence | None = None,
+                  guess_mode: bool = False) -> CFGDenoiser:
     """The sampler's view of the model: eps/v wrapper around `model.apply_model`, with classifier-free guidance.
 
     As the original scripts, the unconditional branch is the encoding of "" (or of the negative prompt)
@@ -89,6 +90,12 @@ def make_denoiser(model, prompts: list[str], negative_prompt: str | Sequence[str
     The sampler works in float32 whatever the model's dtype; the UNet casts its inputs to its own.
     `text`: ldm.prompts.TextOptions (A1111 syntax, clip skip, embeddings); None is the original's encoding.
     Contexts of different lengths (A1111 chunks) run as two UNet calls (CFGDenoiser), as A1111 does.
+
+    controls: ControlNets with their hints and scales (ldm.models.controlnet.Control, e.g. from `controls()`
+    there), part of the conditioning of both branches, or in `guess_mode` of the conditional one only (the
+    demos' un_cond with c_concat None). Then the branches run as two calls, conditional first, as
+    ControlNet's cldm/ddim_hacked.py does (it calls apply_model once per branch), so that the batch sizes, and
+    with them the kernels' rounding, are the original's.
     """
     if text is None or text.is_original:  # the original's calls, unchanged
         cond = model.conditioning(prompts)
@@ -97,9 +104,13 @@ def make_denoiser(model, prompts: list[str], negative_prompt: str | Sequence[str
         uncond = (model.conditioning(_as_list(negative_prompt, len(prompts)), text, negative=True)
                   if scale != 1.0 else None)
         cond = model.conditioning(prompts, text)
+    if controls:
+        cond = {**cond, "control": list(controls)}
+        if uncond is not None and not guess_mode:
+            uncond = {**uncond, "control": list(controls)}
     # timestep options (integer or fractional t) are the sampler registry's business (SamplerSpec.timing)
     denoiser = Denoiser(model.apply_model, model.alphas_cumprod, model.parameterization)
-    return CFGDenoiser(denoiser, scale, cond=cond, uncond=uncond)
+    return CFGDenoiser(denoiser, scale, cond=cond, uncond=uncond, batched=not controls)
 
 
 def decode(model, latents: torch.Tensor) -> torch.Tensor:
@@ -148,15 +159,17 @@ def sample(model, prompts: str | Sequence[str], *, negative_prompt: str | Sequen
            eta: float = 0.0, options: dict | None = None, shape: Sequence[int], generator: torch.Generator,
            x_T: torch.Tensor | None = None, init_latent: torch.Tensor | None = None,
            strength: float | None = None, callback: Callable | None = None,
-           disable: bool = False, text=None) -> torch.Tensor:
+           disable: bool = False, text=None, controls: Sequence | None = None,
+           guess_mode: bool = False) -> torch.Tensor:
     """Latents for one batch; draws x_T (or the img2img forward noise) from `generator` unless given.
-    `options`: the sampler's own options (ldm.samplers.SamplerSpec.options); `text`: ldm.prompts.TextOptions."""
+    `options`: the sampler's own options (ldm.samplers.SamplerSpec.options); `text`: ldm.prompts.TextOptions;
+    `controls`, `guess_mode`: ControlNets (make_denoiser)."""
     if model.conditioning_key == "hybrid":
         raise ValueError("inpainting (hybrid) models need an image and a mask: use ldm.pipeline.inpaint "
                          "(txt2img/img2img do not run them)")
     check_sampling(model, scale=scale, eta=eta, shape=shape)
     device = model_device(model)
-    denoiser = make_denoiser(model, list(prompts), negative_prompt, scale, text)
+    denoiser = make_denoiser(model, list(prompts), negative_prompt, scale, text, controls, guess_mode)
     if x_T is None:
         x_T = randn(shape, generator, device)
     return samplers.sample(denoiser, x_T.to(device), sampler=sampler, steps=steps, schedule=schedule,
@@ -205,10 +218,12 @@ def txt2img(model, prompts: str | Sequence[str], *, negative_prompt: str | Seque
             seed: int | None = None, generator: torch.Generator | None = None, n_samples: int | None = None,
             x_T: torch.Tensor | None = None, callback: Callable | None = None,
             disable: bool = False, loras: Sequence = (), embeddings: Sequence = (), prompt_syntax: str = "plain",
-            lora_dir=None, clip_skip: int = 1) -> torch.Tensor:
+            lora_dir=None, clip_skip: int = 1, controls: Sequence | None = None,
+            guess_mode: bool = False) -> torch.Tensor:
     """Images for `prompts` (a list, or one string repeated n_samples times): (B, 3, H, W) in [0, 1].
     `loras` ("PATH[:SCALE]" or ldm.lora.LoraSpec), `embeddings` (paths), `prompt_syntax` ("plain" | "a1111"),
-    `lora_dir` (for <lora:NAME> tags), `clip_skip` (A1111's numbering): as the command line's flags."""
+    `lora_dir` (for <lora:NAME> tags), `clip_skip` (A1111's numbering): as the command line's flags.
+    `controls`, `guess_mode`: ControlNets with their hints (make_denoiser)."""
     prompts = _as_list(prompts, n_samples)
     if H % f or W % f:
         raise ValueError(f"H and W must be multiples of f={f} (got {H}x{W})")
@@ -217,8 +232,8 @@ def txt2img(model, prompts: str | Sequence[str], *, negative_prompt: str | Seque
     with networks(model, prompts[0], prompt_syntax, loras, lora_dir):
         latents = sample(model, prompts, negative_prompt=negative_prompt, sampler=sampler, steps=steps,
                          schedule=schedule, scale=scale, eta=eta, options=options,
-                         shape=(len(prompts), C, H // f, W // f),
-                         generator=generator, x_T=x_T, callback=callback, disable=disable, text=text)
+                         shape=(len(prompts), C, H // f, W // f), generator=generator, x_T=x_T,
+                         callback=callback, disable=disable, text=text, controls=controls, guess_mode=guess_mode)
     with torch.no_grad():
         return to_unit(decode(model, latents))
 
@@ -230,7 +245,7 @@ def img2img(model, init_image: torch.Tensor, prompts: str | Sequence[str], *, st
             generator: torch.Generator | None = None, n_samples: int | None = None,
             callback: Callable | None = None, disable: bool = False, loras: Sequence = (),
             embeddings: Sequence = (), prompt_syntax: str = "plain", lora_dir=None,
-            clip_skip: int = 1) -> torch.Tensor:
+            clip_skip: int = 1, controls: Sequence | None = None, guess_mode: bool = False) -> torch.Tensor:
     """Variations of `init_image` ((1 or B, 3, H, W) in [-1, 1]): (B, 3, H, W) images in [0, 1].
     LoRA, embedding, syntax and clip-skip arguments as txt2img.
 
@@ -252,7 +267,7 @@ def img2img(model, init_image: torch.Tensor, prompts: str | Sequence[str], *, st
         latents = sample(model, prompts, negative_prompt=negative_prompt, sampler=sampler, steps=steps,
                          schedule=schedule, scale=scale, eta=eta, options=options, shape=init_latent.shape,
                          generator=generator, init_latent=init_latent, strength=strength, callback=callback,
-                         disable=disable, text=text)
+                         disable=disable, text=text, controls=controls, guess_mode=guess_mode)
     with torch.no_grad():
         return to_unit(decode(model, latents))
 
@@ -288,8 +303,9 @@ def generate(model, prompts: Sequence[str], *, n_samples: int, latent_shape: Seq
     batch is padded with its last prompt to n_samples (the original fails on it), so that every batch draws
     the same amount of noise; the padding's latents are dropped. `autocast`: run under torch.autocast of the
     model's device type with that dtype. `sampling`: sample()'s sampler options (sampler, steps, schedule,
-    scale, eta, options, negative_prompt, text). `loras` / `lora_dir`: the LoRAs of every batch (`networks`: with
-    the a1111 syntax, also the tags of the batch's first prompt, as A1111), merged while the batch samples.
+    scale, eta, options, negative_prompt, text) and ControlNets (controls, guess_mode). `loras` / `lora_dir`: the
+    LoRAs of every batch (`networks`: with the a1111 syntax, also the tags of the batch's first prompt, as
+    A1111), merged while the batch samples.
     """
     device = model_device(model)
     generator = torch.Generator(device="cpu").manual_seed(seed)

@@ -24,6 +24,8 @@ What is measured, per part, each variant once per round, rounds alternating so a
   tiling ldm's tiled VAE decode against its plain decode (difference, seam metric, peak memory); at the large
          sizes (2048 px) optionally both under a memory budget, to see which one fits.
   profile  torch.profiler's operator table of one UNet CFG step per variant (where the time goes).
+  control  one ControlNet's time and memory on a UNet CFG step, against diffusers' ControlNetModel on the same
+         original weights (scripts/bench_controlnet.py).
 Reported: median wall ms and median process CPU ms per call, ldm/diffusers ratio of the medians, peak
 memory during the call (CPU: peak RSS of the whole process and its rise over the pre-call RSS; accelerator:
 max allocated and its rise; the least over the rounds, i.e. steady state). The first output of every
@@ -579,7 +581,22 @@ def run_config(args, config_path: str, size: int, dtype_name: str) -> dict:
     if "tiling" in parts:
         print("-- tiling", flush=True)
         result["tiling"] = bench_tiling(cfg, models[args.ldm[0]], args, device, dtype, meter)
+    if "control" in parts:  # one ControlNet's cost (scripts/bench_controlnet.py)
+        print("-- control", flush=True)
+        control = _bench_controlnet()
+        nets = control.build(ROOT, cfg, device, dtype, args.seed, random_checkpoint, adopt)
+        result["control"] = control.bench_control(cfg, models[args.ldm[0]], dmodels[reference], nets, args, device,
+                                                  dtype, meter, size // 8, alternate, rel_err, unet_step_flops)
     return result
+
+
+def _bench_controlnet():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_controlnet", ROOT / "scripts" / "bench_controlnet.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def print_table(result: dict) -> None:
@@ -601,6 +618,8 @@ def print_table(result: dict) -> None:
     if "tiling" in result:
         for key, value in result["tiling"].items():
             print(f"tiling {key}: {json.dumps(value)}")
+    if "control" in result:
+        _bench_controlnet().print_rows(result["control"])
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -610,7 +629,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=None, help="image side in px (default: 256 on CPU, 512 else)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--matrix", action="store_true", help="GPU matrix: v1 512 px and v2 768 px, fp16 and bf16")
-    p.add_argument("--parts", default="unet,vae,e2e", help="comma list of unet, vae, e2e, tiling, profile")
+    p.add_argument("--parts", default="unet,vae,e2e",
+                   help="comma list of unet, vae, e2e, tiling, profile, control (one ControlNet's cost)")
     p.add_argument("--ldm", default=None,
                    help="ldm variants, comma list of ldm[+prepack][+channels_last][+compile][+cudagraphs]"
                         "[+sliced|+math] (default: ldm,ldm+prepack on CPU, ldm,ldm+channels_last else)")

@@ -38,3 +38,35 @@ def test_seam_ratio_sees_hard_seams_not_smooth_differences():
     assert bench.seam_ratio(step, edges, edges) > 10
     # 16 latents, tiles of 8 overlapping by >= 2: starts 0, 4, 8, so pixel spans [0,32) [16,48) [32,64)
     assert bench.tile_edges(16, 8, 2, f=4) == [16, 32, 48]
+
+
+def test_controlnet_flops_are_the_unet_encoder_plus_the_hint_encoder_and_zero_convs():
+    # bench_controlnet.control_flops counts a ControlNet forward; independently: the UNet's encoder half (which
+    # the ControlNet copies) counted on the UNet's own modules, plus the hint encoder's eight 3x3 convs and the
+    # 1x1 zero convs by the formula 2 * C_in * C_out * k^2 * H_out * W_out per sample
+    from torch.utils.flop_counter import FlopCounterMode
+
+    control_spec = importlib.util.spec_from_file_location("bench_controlnet", ROOT / "scripts" / "bench_controlnet.py")
+    bench_controlnet = importlib.util.module_from_spec(control_spec)
+    control_spec.loader.exec_module(bench_controlnet)
+    cfg = load_config(ROOT / "configs/controlnet/cldm_v15.yaml")
+    side, batch = 32, 2
+    unet = bench.build_model(cfg, device="meta", with_control=False).unet
+    x = torch.empty(batch, 4, side, side, device="meta")
+    context = torch.empty(batch, 77, 768, device="meta")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        emb = unet.embedding(torch.zeros(batch, dtype=torch.long, device="meta"), None, batch, "meta")
+        h, widths = x, []
+        for block in unet.input_blocks:
+            h = block(h, emb, context)
+            widths.append((h.shape[1], h.shape[2]))
+        h = unet.middle_block(h, emb, context)
+    encoder = counter.get_total_flops()
+    hint, size = 0, 8 * side
+    for c_in, c_out, stride in zip((3, 16, 16, 32, 32, 96, 96, 256), (16, 16, 32, 32, 96, 96, 256, 320),
+                                   (1, 1, 2, 1, 2, 1, 2, 1)):
+        size //= stride
+        hint += 2 * c_in * c_out * 9 * size * size * batch
+    zero = sum(2 * c * c * s * s * batch for c, s in widths + [(h.shape[1], h.shape[2])])
+    counted = bench_controlnet.control_flops(cfg.control_stage, 1, side)["control_tflop"] * 1e12
+    assert round(counted) == encoder + hint + zero  # (control_tflop is in TFLOP: back to an integer count)

@@ -13,6 +13,7 @@ from ldm.config import (
 
 ROOT = Path(__file__).resolve().parents[1]
 ORIGINAL = sorted((ROOT / "configs" / "stable-diffusion").glob("*.yaml"))
+CONTROLNET = sorted((ROOT / "configs" / "controlnet").glob("*.yaml"))  # checked by tests/test_controlnet.py
 TINY = sorted((ROOT / "tests" / "configs").glob("*.yaml"))
 # The shipped configs are byte-for-byte copies of the originals. Recorded here: the sha256 of each original file as
 # the upstream repository has it (repository @ commit, path), computed from those trees when they were copied.
@@ -28,7 +29,8 @@ ORIGINAL_SHA256 = {
     "v2-inpainting-inference.yaml": ("821a51ee6a8f3a62e7f2002557fcb4f4ae97a2ab3cb3fb85942897d536fa8b2c",
                                      "Stability-AI/stablediffusion@cf1d67a6fd5ea1aa600c4df58e5b47da45f6bdbf"),
 }
-SECTION_FIELD = {"unet_config": "unet", "first_stage_config": "first_stage", "cond_stage_config": "cond_stage"}
+SECTION_FIELD = {"unet_config": "unet", "first_stage_config": "first_stage", "cond_stage_config": "cond_stage",
+                 "control_stage_config": "control_stage"}
 
 
 def _yaml(path):
@@ -57,12 +59,12 @@ def _check_leaves(obj, data, where):
             assert attr == _as_config_value(value), f"{where}.{key}: {attr!r} != {value!r}"
 
 
-@pytest.mark.parametrize("path", ORIGINAL + TINY, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", ORIGINAL + CONTROLNET + TINY, ids=lambda p: p.name)
 def test_every_yaml_value_lands_in_the_dataclass(path):
     cfg = load_config(path)
     data = _yaml(path)["model"]
     assert cfg.target == data["target"]
-    assert cfg.base_learning_rate == data["base_learning_rate"]
+    assert cfg.base_learning_rate == data.get("base_learning_rate")  # the ControlNet yamls have none
     _check_leaves(cfg, data["params"], "model.params")
 
 
@@ -71,7 +73,7 @@ def test_the_original_configs_are_shipped():
         "v1-inference.yaml", "v1-inpainting-inference.yaml", "v2-inference-v.yaml", "v2-inference.yaml",
         "v2-inpainting-inference.yaml"]
     assert [p.name for p in TINY] == sorted(p.name for p in TINY) and {p.name for p in TINY} >= {
-        "tiny-v1-inpainting-f8.yaml", "tiny-v1-inpainting.yaml", "tiny-v1-lora.yaml", "tiny-v1.yaml",
+        "tiny-cldm-13.yaml", "tiny-cldm.yaml", "tiny-v1-inpainting-f8.yaml", "tiny-v1-inpainting.yaml", "tiny-v1-lora.yaml", "tiny-v1.yaml",
         "tiny-v2-inpainting.yaml", "tiny-v2-lora.yaml", "tiny-v2-v.yaml", "tiny-v2.yaml"}
 
 

@@ -114,6 +114,7 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     from ldm.cli.extras import add_text_flags  # LoRA, embeddings, A1111 prompt syntax, clip skip
 
     add_text_flags(p)
+    add_control_flags(p)
     return p
 
 
@@ -126,6 +127,28 @@ def add_inpaint_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ema", dest="no_ema", action="store_true", help="the raw UNet weights (the default)")
     p.set_defaults(config="configs/stable-diffusion/v1-inpainting-inference.yaml",
                    ckpt="models/ldm/inpainting/sd-v1-5-inpainting.ckpt", no_ema=True)
+
+
+def add_control_flags(p: argparse.ArgumentParser) -> None:
+    """ControlNet (lllyasviel/ControlNet; README, ControlNet): read by ldm/cli/control.py."""
+    from ldm.preprocess import PREPROCESSORS
+
+    g = p.add_argument_group("ControlNet (see README, ControlNet)")
+    g.add_argument("--control", action="append", metavar="PATH[:STRENGTH]",
+                   help="a ControlNet file (v1.0 .pth, v1.1 control_model .pth or extracted .safetensors) and its "
+                        "strength (default 1.0); repeat for several ControlNets (their residuals are summed)")
+    g.add_argument("--control_config", action="append", metavar="YAML",
+                   help="ControlLDM yaml of the ControlNet(s) (configs/controlnet/): once for all or once per "
+                        "--control (default: --config, when that is a ControlLDM yaml)")
+    g.add_argument("--control_image", action="append", metavar="PNG",
+                   help="the hint (edges, depth, pose, ... already preprocessed; RGB, the image's size): one per "
+                        "--control in order, or one for all")
+    g.add_argument("--control_preprocess", action="append", choices=PREPROCESSORS,
+                   help="compute the hint from --control_image first (canny: cv2.Canny(img, 100, 200), needs "
+                        "opencv-python-headless); once for all or once per --control")
+    g.add_argument("--guess_mode", action="store_true",
+                   help="the demos' guess mode: control scales strength * 0.825 ** (12 - i) and no control on "
+                        "the unconditional branch")
 
 
 def add_speed_flags(p: argparse.ArgumentParser) -> None:

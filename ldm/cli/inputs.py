@@ -88,6 +88,9 @@ def validate(opts: argparse.Namespace, mode: str) -> None:
     check_writable(opts.outdir)
     opts.device = resolve_device(opts.device)
     validate_speed_flags(opts)
+    from ldm.cli import control
+
+    control.validate(opts)
 
 
 def validate_speed_flags(opts: argparse.Namespace) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ldm import pipeline, png_info
-from ldm.cli import extras, inputs, limits, record, run
+from ldm.cli import control, extras, inputs, limits, record, run
 from ldm.cli.flags import PRECISIONS, CLIError, Parser, add_model_flags, build_parser
 from ldm.cli.interrupt import PROGRESS
 from ldm.models.attention import ATTENTION_BACKENDS
@@ -43,6 +43,11 @@ def build_parser_rerun() -> argparse.ArgumentParser:
     p.add_argument("--lora_dir", type=str, default=None, help="where the image's <lora:NAME> prompt tags find "
                    "their files (the hashes must match)")
     p.add_argument("--outdir", type=str, default="outputs/rerun-samples", help="dir to write the result to")
+    for flag, what in (("--control", "ControlNet files"), ("--control_config", "ControlNet configs"),
+                       ("--control_image", "control images")):
+        p.add_argument(flag, action="append", default=None,
+                       help=f"{what} of a ControlNet result, in the recorded order (required for one: a path "
+                            "recorded in the PNG is never opened; the files' hashes must match)")
     p.add_argument("--device", type=str, default=None, help="torch device (default: CUDA if available, else cpu)")
     return p
 
@@ -128,6 +133,17 @@ def rerun(args: argparse.Namespace) -> None:
                            "checked against the recorded one)")
         setattr(opts, name, given)
     use_text_files(args, opts)
+    vars(opts).update(control.options_from_fields(fields))
+    for name in ("control", "control_config", "control_image"):  # the user's files, in the recorded order
+        recorded, given = getattr(opts, name), getattr(args, name)
+        if not recorded and not given:
+            continue
+        if len(given or []) != len(recorded or []):
+            raise CLIError(f"the image records {len(recorded or [])} --{name} file(s); name them with --{name}, "
+                           f"in that order (got {len(given or [])})")
+        if name == "control":  # the recorded strengths stay
+            given = [f"{path}:{control.split_strength(spec)[1]!r}" for path, spec in zip(given, recorded)]
+        setattr(opts, name, given)
     if ("VAE hash" in fields) != (opts.vae is not None):
         raise CLIError(f"the image was made with --vae {_short(fields.get('VAE', '?'))}" if "VAE hash" in fields
                        else "the image was made without --vae")
@@ -148,6 +164,7 @@ def rerun(args: argparse.Namespace) -> None:
         for name in ("Init image", "Mask"):
             if name in hashes:
                 hashes[name] = fields[name]  # keep the recorded name when given elsewhere
+        hashes.update(control.path_fields(fields))
 
     model, prompts, init_image = run.prepare(opts, mode, before_load=check_hashes)
     # the LoRAs and embeddings must be the recorded ones too (A1111's Lora hashes / TI hashes of the batch)

@@ -19,7 +19,7 @@ import torch
 
 import ldm
 from ldm import fast, pipeline, png_info
-from ldm.cli import extras, inputs, limits, record
+from ldm.cli import control, extras, inputs, limits, record
 from ldm.cli import inpaint as inpaint_cli
 from ldm.cli.flags import PRECISIONS, CLIError, build_parser
 from ldm.cli.interrupt import EXIT_INTERRUPTED, PROGRESS, deferred_interrupt
@@ -40,8 +40,10 @@ def apply_speed_flags(opts: argparse.Namespace, model) -> None:
 def load(opts: argparse.Namespace, mode: str = "txt2img"):
     """The model on opts.device in the --precision dtype, checked against the flags (CLIError if not)."""
     # with --offload the weights stay in CPU memory and each part visits the device only while it runs
+    # a ControlLDM --config: the whole ControlLDM, or with --control files its Stable Diffusion part alone
     model = ldm.load_model(opts.config, opts.ckpt, device="cpu" if opts.offload else opts.device,
-                           dtype=PRECISIONS[opts.precision], ema=not opts.no_ema, vae_path=opts.vae)
+                           dtype=PRECISIONS[opts.precision], ema=not opts.no_ema, vae_path=opts.vae,
+                           with_control=not getattr(opts, "controls", None))
     inputs.check_model(opts, model, mode)
     apply_speed_flags(opts, model)
     return model
@@ -64,7 +66,8 @@ def generate(opts: argparse.Namespace, model, prompts: list[str], init_image=Non
         seed=opts.seed, n_iter=opts.n_iter, fixed_code=opts.fixed_code, init_image=init_image,
         strength=getattr(opts, "strength", None), autocast=autocast_dtype(opts), sampler=opts.sampler,
         steps=opts.ddim_steps, schedule=opts.schedule, scale=opts.scale, eta=opts.ddim_eta,
-        negative_prompt=opts.negative_prompt, text=opts.text, loras=opts.lora, lora_dir=opts.lora_dir)
+        negative_prompt=opts.negative_prompt, text=opts.text, loras=opts.lora, lora_dir=opts.lora_dir,
+        controls=getattr(opts, "control_entries", None), guess_mode=getattr(opts, "guess_mode", False))
 
 
 def decode(opts: argparse.Namespace, model, latents: torch.Tensor) -> torch.Tensor:
@@ -83,6 +86,7 @@ def file_hashes(opts: argparse.Namespace, mode: str) -> dict[str, str]:
         hashes.update({"Init image": opts.init_img, "Init image hash": png_info.file_hash(opts.init_img)})
     if mode == "inpaint":
         hashes.update(inpaint_cli.file_hashes(opts))
+    hashes.update(control.fields(opts))
     return hashes
 
 
@@ -105,11 +109,15 @@ def prepare(opts: argparse.Namespace, mode: str, before_load=None):
         init_image = inputs.load_init_image(opts.init_img, opts.W, opts.H)
         opts.H, opts.W = init_image.shape[2:]
     if mode == "inpaint":
+        if control.uses_controlnet(opts):
+            raise CLIError("inpaint.py does not take ControlNets (--control / a ControlLDM --config)")
         init_image = inpaint_cli.read_inputs(opts)  # sets opts.H, opts.W: the init image's size
     if mode in ("img2img", "inpaint"):
         limits.check_sizes(opts, cfg, n_images)
+    hints = control.read_hints(opts)
     prompts = prompts or inputs.read_prompts(opts)
     model = load(opts, mode)
+    opts.control_entries = control.load_controls(opts, model, hints)
     if mode == "inpaint":
         inpaint_cli.check_run(opts, model, init_image[1])
     else:

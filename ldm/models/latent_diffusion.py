@@ -170,10 +170,17 @@ class LatentDiffusion(nn.Module):
         to the UNet, used by sampling (ldm/denoisers.py), training and the pipeline.
 
         cond: a dict with c_crossattn (context), c_concat (inpainting channels), y (class / vector), control
-        (ControlNet residuals), or what the original ddpm.py apply_model takes (see `conditioning`); keyword
-        arguments add entries (apply_model(x, t, context, c_concat=...)).
+        (ControlNet residuals, or ControlNets with their hints and scales: a list of ldm.models.controlnet.Control,
+        whose residuals are computed here), or what the original ddpm.py apply_model takes (see `conditioning`);
+        keyword arguments add entries (apply_model(x, t, context, c_concat=...)).
         """
-        return self.model(x, t, **conditioning(cond, **more))
+        cond = conditioning(cond, **more)
+        if cond.get("control") is not None:
+            from ldm.models.controlnet import is_controls, residuals
+
+            if is_controls(cond["control"]):  # ControlNets: their summed, scaled residuals at this (x, t, context)
+                cond["control"] = residuals(cond["control"], x, t, cond.get("c_crossattn"))
+        return self.model(x, t, **cond)
 
 
 class _SkipRandomInitOnMeta(TorchFunctionMode):
@@ -190,8 +197,10 @@ class _SkipRandomInitOnMeta(TorchFunctionMode):
 
 
 def build_model(cfg: LatentDiffusionConfig, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32) -> LatentDiffusion:
+                dtype: torch.dtype = torch.float32, with_control: bool = True) -> LatentDiffusion:
     """Build an (untrained) LatentDiffusion in eval mode; device="meta" allocates no parameter storage.
+    A ControlLDM config gives a ControlLDM (with its ControlNet), or with with_control=False its Stable
+    Diffusion part alone (a LatentDiffusion).
 
     As the original (ddpm.py instantiate_first_stage / instantiate_cond_stage), the VAE and the text encoder
     are frozen; the UNet keeps requires_grad (inference code runs under torch.no_grad()).
@@ -200,8 +209,11 @@ def build_model(cfg: LatentDiffusionConfig, device: str | torch.device = "cpu",
     schedule arithmetic in float32 or higher, as the original's float32 buffers).
     """
     meta = torch.device(device).type == "meta"
+    cls = LatentDiffusion
+    if with_control and hasattr(cfg, "control_stage"):  # a ControlLDM yaml (ldm/config_controlnet.py)
+        from ldm.models.controlnet import ControlLDM as cls
     with torch.device(device), (_SkipRandomInitOnMeta() if meta else contextlib.nullcontext()):
-        model = LatentDiffusion(cfg)
+        model = cls(cfg)
     alphas_cumprod = model.alphas_cumprod
     model.to(dtype=dtype)
     if not meta:

@@ -315,7 +315,7 @@ class UNetModel(nn.Module):
         """x (B, in_channels, H, W); timesteps (B,) integer or float (a scalar is broadcast); context
         (B, T, context_dim); y (B, adm_in_channels) vector or (B,) class labels, exactly when the config has
         num_classes; control: the len(input_blocks) + 1 residuals of a ControlNet (one per skip, in encoder
-        order, then the middle block's), added as cldm.py ControlledUnetModel does. Returns
+        order, then the middle block's; None entries add nothing), added as cldm.py ControlledUnetModel does. Returns
         (B, out_channels, H, W) in the dtype of x."""
         check_inputs(self, x, timesteps, context, y, control)
         dtype = self.dtype
@@ -328,12 +328,13 @@ class UNetModel(nn.Module):
             skips.append(h)
         h = self.middle_block(h, emb, context)
         control = None if control is None else list(control)
-        if control:
-            h = h + control.pop().to(dtype)
+        if control and (residual := control.pop()) is not None:
+            h = h + residual.to(dtype)
         for block in self.output_blocks:
             skip = skips.pop()
-            if control:  # hs.pop() + control.pop(): the residual joins the skip, not h
-                skip = skip + control.pop().to(dtype)
+            # hs.pop() + control.pop(): the residual joins the skip, not h (None: no residual, only_mid_control)
+            if control and (residual := control.pop()) is not None:
+                skip = skip + residual.to(dtype)
             h = block(torch.cat([h, skip], dim=1), emb, context)
         return self.out(h).to(x.dtype)
 
