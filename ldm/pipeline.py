@@ -79,21 +79,47 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
     return next(model.unet.parameters()).dtype
 
 
+# What a model family does differently from the originals' scripts (CompVis / Stability, "ldm"): generative-models
+# (sgm, SDXL: ldm/models/sgm.py, `model.family`) defaults to its demo's sampler, scale and size, maps --sampler
+# names onto its own samplers, and guides at every scale (VanillaCFG).
+FAMILY_DEFAULTS = {"ldm": {"sampler": "ddim", "scale": 7.5, "size": 512},
+                   "sgm": {"sampler": "euler", "scale": 5.0, "size": 1024}}
+
+
+def family(model) -> str:
+    return getattr(model, "family", "ldm")
+
+
+def sampler_for(model, sampler: str | None) -> str:
+    """The registry name of `sampler` for this model (its family's default when None): sgm models take the
+    demo's names (euler, heun, euler_a, dpmpp_2s_a, dpmpp_2m, lms) for generative-models' samplers."""
+    return samplers.resolve(sampler or FAMILY_DEFAULTS[family(model)]["sampler"], family(model))
+
+
 def make_denoiser(model, prompts: list[str], negative_prompt: str | Sequence[str] = "",
-                  scale: float = 7.5) -> CFGDenoiser:
+                  scale: float = 7.5, value_dict: dict | None = None) -> CFGDenoiser:
     """The sampler's view of the model: eps/v wrapper around `model.apply_model`, with classifier-free guidance.
 
     As the original scripts, the unconditional branch is the encoding of "" (or of the negative prompt)
     for every sample, and scale 1 skips it (ddim.py calls the model once when the guidance scale is 1).
     The sampler works in float32 whatever the model's dtype; the UNet casts its inputs to its own.
+
+    A model may bring its own parts (ldm/models/sgm.py): `denoiser` (sgm's DiscreteDenoiser), an
+    `unconditional_conditioning` (sgm: zeroed text, the negative aesthetic score) and conditioning values
+    (`value_dict`: sizes, crop, aesthetic score); sgm guides at scale 1 too (VanillaCFG).
     """
-    cond = model.conditioning(prompts)
+    values = {} if value_dict is None else {"value_dict": value_dict}
+    cond = model.conditioning(prompts, **values)
     uncond = None
-    if scale != 1.0:
-        uncond = model.conditioning(_as_list(negative_prompt, len(prompts)))
+    always = family(model) == "sgm"
+    if scale != 1.0 or always:
+        unconditional = getattr(model, "unconditional_conditioning", model.conditioning)
+        uncond = unconditional(_as_list(negative_prompt, len(prompts)), **values)
     # timestep options (integer or fractional t) are the sampler registry's business (SamplerSpec.timing)
-    denoiser = Denoiser(model.apply_model, model.alphas_cumprod, model.parameterization)
-    return CFGDenoiser(denoiser, scale, cond=cond, uncond=uncond)
+    denoiser = getattr(model, "denoiser", None)
+    if denoiser is None:
+        denoiser = Denoiser(model.apply_model, model.alphas_cumprod, model.parameterization)
+    return CFGDenoiser(denoiser, scale, cond=cond, uncond=uncond, skip_at_one=not always)
 
 
 def decode(model, latents: torch.Tensor) -> torch.Tensor:
@@ -128,54 +154,83 @@ def encode_image(model, image: torch.Tensor, generator: torch.Generator) -> torc
 
 @torch.no_grad()
 def sample(model, prompts: str | Sequence[str], *, negative_prompt: str | Sequence[str] = "",
-           sampler: str = "ddim", steps: int = 50, schedule: str = "uniform", scale: float = 7.5,
+           sampler: str | None = None, steps: int = 50, schedule: str = "uniform", scale: float | None = None,
            eta: float = 0.0, options: dict | None = None, shape: Sequence[int], generator: torch.Generator,
            x_T: torch.Tensor | None = None, init_latent: torch.Tensor | None = None,
            strength: float | None = None, callback: Callable | None = None,
-           disable: bool = False) -> torch.Tensor:
+           disable: bool = False, value_dict: dict | None = None, handoff: float | None = None,
+           add_noise: bool = True) -> torch.Tensor:
     """Latents for one batch; draws x_T (or the img2img forward noise) from `generator` unless given.
-    `options`: the sampler's own options (ldm.samplers.SamplerSpec.options)."""
+    `options`: the sampler's own options (ldm.samplers.SamplerSpec.options). sampler / scale: the model
+    family's defaults when None (ddim, 7.5; SDXL: euler, 5.0). value_dict: an sgm model's conditioning values
+    (ldm/models/sgm.py). handoff / add_noise: a run stopped early for a refiner and its finishing run
+    (ldm.samplers.sample)."""
     if model.conditioning_key == "hybrid":
         raise ValueError("inpainting (hybrid) models need a mask and a masked image; txt2img/img2img "
                          "do not support them")
     device = model_device(model)
-    denoiser = make_denoiser(model, list(prompts), negative_prompt, scale)
+    scale = FAMILY_DEFAULTS[family(model)]["scale"] if scale is None else scale
+    denoiser = make_denoiser(model, list(prompts), negative_prompt, scale, value_dict)
     if x_T is None:
         x_T = randn(shape, generator, device)
-    return samplers.sample(denoiser, x_T.to(device), sampler=sampler, steps=steps, schedule=schedule,
-                           eta=eta, options=options, generator=generator, init_latent=init_latent,
-                           strength=strength, callback=callback, disable=disable)
+    extra = {} if handoff is None and add_noise else {"handoff": handoff, "add_noise": add_noise}
+    return samplers.sample(denoiser, x_T.to(device), sampler=sampler_for(model, sampler), steps=steps,
+                           schedule=schedule, eta=eta, options=options, generator=generator, init_latent=init_latent,
+                           strength=strength, callback=callback, disable=disable, **extra)
+
+
+def size_values(height: int, width: int, value_dict: dict | None = None) -> dict:
+    """An sgm model's conditioning values for an image of height x width (the demo's init_dict: original and
+    target size the image's, crop 0, 0), under the caller's `value_dict`."""
+    return {"orig_height": height, "orig_width": width, "target_height": height, "target_width": width,
+            **(value_dict or {})}
 
 
 def txt2img(model, prompts: str | Sequence[str], *, negative_prompt: str | Sequence[str] = "",
-            sampler: str = "ddim", steps: int = 50, schedule: str = "uniform", scale: float = 7.5,
-            eta: float = 0.0, options: dict | None = None, H: int = 512, W: int = 512, C: int = 4, f: int = 8,
-            seed: int | None = None, generator: torch.Generator | None = None, n_samples: int | None = None,
-            x_T: torch.Tensor | None = None, callback: Callable | None = None,
-            disable: bool = False) -> torch.Tensor:
-    """Images for `prompts` (a list, or one string repeated n_samples times): (B, 3, H, W) in [0, 1]."""
+            sampler: str | None = None, steps: int = 50, schedule: str = "uniform", scale: float | None = None,
+            eta: float = 0.0, options: dict | None = None, H: int | None = None, W: int | None = None, C: int = 4,
+            f: int = 8, seed: int | None = None, generator: torch.Generator | None = None,
+            n_samples: int | None = None, x_T: torch.Tensor | None = None, callback: Callable | None = None,
+            disable: bool = False, value_dict: dict | None = None, refiner=None, refiner_strength: float = 0.15,
+            refiner_steps: int | None = None) -> torch.Tensor:
+    """Images for `prompts` (a list, or one string repeated n_samples times): (B, 3, H, W) in [0, 1].
+    H, W: 512 (SDXL: 1024) when None. SDXL: `value_dict` overrides the size / crop conditioning (default: H x W,
+    crop 0, 0); `refiner` (an sgm model) finishes the last `refiner_strength` of the run in `refiner_steps`
+    (default `steps`) as the demo's "finish denoising with refiner" (ldm/refiner.py) and decodes."""
     prompts = _as_list(prompts, n_samples)
+    H = FAMILY_DEFAULTS[family(model)]["size"] if H is None else H
+    W = FAMILY_DEFAULTS[family(model)]["size"] if W is None else W
     if H % f or W % f:
         raise ValueError(f"H and W must be multiples of f={f} (got {H}x{W})")
     generator = _generator(seed, generator)
+    sgm = {"value_dict": size_values(H, W, value_dict)} if family(model) == "sgm" else {}
+    if refiner is not None:
+        sgm["handoff"] = refiner_strength
     latents = sample(model, prompts, negative_prompt=negative_prompt, sampler=sampler, steps=steps,
                      schedule=schedule, scale=scale, eta=eta, options=options,
                      shape=(len(prompts), C, H // f, W // f),
-                     generator=generator, x_T=x_T, callback=callback, disable=disable)
+                     generator=generator, x_T=x_T, callback=callback, disable=disable, **sgm)
+    if refiner is not None:
+        from ldm.refiner import refine
+
+        latents = refine(refiner, latents, prompts, generator, negative_prompt=negative_prompt,
+                         strength=refiner_strength, steps=refiner_steps or steps, sampler=sampler, schedule=schedule,
+                         scale=scale, value_dict=value_dict, disable=disable)
     with torch.no_grad():
-        return to_unit(decode(model, latents))
+        return to_unit(decode(refiner or model, latents))
 
 
 def img2img(model, init_image: torch.Tensor, prompts: str | Sequence[str], *, strength: float = 0.75,
-            negative_prompt: str | Sequence[str] = "", sampler: str = "ddim", steps: int = 50,
+            negative_prompt: str | Sequence[str] = "", sampler: str | None = None, steps: int = 50,
             schedule: str = "uniform", scale: float = 5.0, eta: float = 0.0, options: dict | None = None,
             seed: int | None = None,
             generator: torch.Generator | None = None, n_samples: int | None = None,
-            callback: Callable | None = None, disable: bool = False) -> torch.Tensor:
+            callback: Callable | None = None, disable: bool = False, value_dict: dict | None = None) -> torch.Tensor:
     """Variations of `init_image` ((1 or B, 3, H, W) in [-1, 1]): (B, 3, H, W) images in [0, 1].
 
     As the original img2img.py: the init image is repeated to the batch and encoded (one posterior sample
     per copy), noised to the level `strength` of the way through the schedule, then denoised from there.
+    SDXL: the size conditioning defaults to the image's size (the demo's run_img2img).
     """
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
@@ -185,10 +240,11 @@ def img2img(model, init_image: torch.Tensor, prompts: str | Sequence[str], *, st
         init_image = init_image.expand(len(prompts), -1, -1, -1)
     with torch.no_grad():
         init_latent = encode_image(model, init_image, generator)
+    sgm = {"value_dict": size_values(*init_image.shape[2:], value_dict)} if family(model) == "sgm" else {}
     latents = sample(model, prompts, negative_prompt=negative_prompt, sampler=sampler, steps=steps,
                      schedule=schedule, scale=scale, eta=eta, options=options, shape=init_latent.shape,
                      generator=generator,
-                     init_latent=init_latent, strength=strength, callback=callback, disable=disable)
+                     init_latent=init_latent, strength=strength, callback=callback, disable=disable, **sgm)
     with torch.no_grad():
         return to_unit(decode(model, latents))
 
@@ -204,7 +260,7 @@ def batches(prompts: Sequence[str], n_samples: int) -> list[list[str]]:
 def generate(model, prompts: Sequence[str], *, n_samples: int, latent_shape: Sequence[int], seed: int,
              n_iter: int = 1, fixed_code: bool = False, init_image: torch.Tensor | None = None,
              strength: float | None = None, autocast: torch.dtype | None = None, progress: bool = True,
-             **sampling) -> Iterator[tuple[int, list[str], torch.Tensor]]:
+             second_stage: Callable | None = None, **sampling) -> Iterator[tuple[int, list[str], torch.Tensor]]:
     """(batch number, prompts, latents) for every batch of a run: `n_iter` passes over `prompts` in
     batches of n_samples, as the original scripts/txt2img.py and img2img.py loop.
 
@@ -215,7 +271,8 @@ def generate(model, prompts: Sequence[str], *, n_samples: int, latent_shape: Seq
     batch is padded with its last prompt to n_samples (the original fails on it), so that every batch draws
     the same amount of noise; the padding's latents are dropped. `autocast`: run under torch.autocast of the
     model's device type with that dtype. `sampling`: sample()'s sampler options (sampler, steps, schedule,
-    scale, eta, options, negative_prompt).
+    scale, eta, options, negative_prompt, value_dict, handoff). `second_stage(latents, prompts, generator)`
+    runs on every batch's latents with the run's generator (the SDXL refiner, ldm/refiner.py).
     """
     device = model_device(model)
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -236,5 +293,7 @@ def generate(model, prompts: Sequence[str], *, n_samples: int, latent_shape: Seq
                 padded = chunk + chunk[-1:] * (n_samples - len(chunk))
                 latents = sample(model, padded, shape=shape, generator=generator, x_T=start_code,
                                  init_latent=init_latent, strength=strength, disable=not progress, **sampling)
+                if second_stage is not None:
+                    latents = second_stage(latents, padded, generator)
                 yield number, chunk, latents[:len(chunk)]
                 number += 1

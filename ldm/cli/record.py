@@ -29,6 +29,16 @@ FAST_FIELDS = (
 )
 
 
+# (infotext key, option name, type) of an SDXL run's conditioning and refiner (ldm/cli/sdxl.py): written when the
+# option has a value (SDXL configs resolve them; other configs leave them None), read back when present.
+SGM_FIELDS = (
+    ("Original height", "orig_height", int), ("Original width", "orig_width", int), ("Crop top", "crop_top", int),
+    ("Crop left", "crop_left", int), ("Target height", "target_height", int), ("Target width", "target_width", int),
+    ("Aesthetic score", "aesthetic_score", float), ("Negative aesthetic score", "negative_aesthetic_score", float),
+    ("Refiner strength", "refiner_strength", float), ("Refiner steps", "refiner_steps", int),
+)
+
+
 def infotext(options: dict, prompt: str, batch: int, pos: int, hashes: dict[str, str]) -> str:
     """The `parameters` text of one image made with the command-line `options` (a dict of option values):
     the prompt, the FIELDS, `hashes` (Model hash, ...), its batch number and position, and the version."""
@@ -46,6 +56,9 @@ def infotext(options: dict, prompt: str, batch: int, pos: int, hashes: dict[str,
         value = options.get(name)
         if not (value is None or value is False or value == "sdpa"):  # `is`: an overlap of 0 is recorded
             fields[key] = str(value)
+    for key, name, kind in SGM_FIELDS:
+        if options.get(name) is not None:
+            fields[key] = repr(float(options[name])) if kind is float else str(options[name])
     fields.update(hashes)
     fields.update({"Batch number": str(batch), "Batch pos": str(pos), "Version": f"ldm {__version__}"})
     return png_info.format_parameters(fields)
@@ -67,7 +80,7 @@ def options_from_infotext(fields: dict[str, str], names) -> tuple[dict, int, int
                 continue
             # "EMA: True/False" is recorded for the option --no-ema
             options[name] = fields[key] == "False" if name == "no_ema" else _read(kind, fields[key])
-        for key, name, kind in FAST_FIELDS:
+        for key, name, kind in FAST_FIELDS + SGM_FIELDS:
             if key in fields:
                 options[name] = _read(kind, fields[key])
         options["W"], options["H"] = (int(v) for v in fields["Size"].split("x"))

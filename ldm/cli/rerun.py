@@ -27,6 +27,9 @@ def build_parser_rerun() -> argparse.ArgumentParser:
     add_model_flags(p)  # where the model is now; its hash must match the recorded one
     p.add_argument("--init-img", type=str, default=None, help="init image of an img2img result "
                    "(default: the recorded path; its hash must match)")
+    p.add_argument("--refiner_config", type=str, default=None, help="config of the SDXL refiner an image was made with")
+    p.add_argument("--refiner_ckpt", type=str, default=None,
+                   help="where the refiner is now (an image made with a refiner; its hash must match)")
     p.add_argument("--outdir", type=str, default="outputs/rerun-samples", help="dir to write the result to")
     p.add_argument("--device", type=str, default=None, help="torch device (default: CUDA if available, else cpu)")
     return p
@@ -47,6 +50,11 @@ def rerun(args: argparse.Namespace) -> None:
     opts.n_iter, opts.from_file = batch + 1, None  # replay the run up to the image's batch
     for name in ("config", "ckpt", "vae", "device", "outdir"):  # where to find things now, not what they were
         setattr(opts, name, getattr(args, name))
+    if ("Refiner hash" in fields) != (args.refiner_ckpt is not None):
+        raise CLIError(f"the image was made with the refiner {fields['Refiner']}: give --refiner_config and "
+                       "--refiner_ckpt" if "Refiner hash" in fields else "the image was made without a refiner")
+    if args.refiner_ckpt is not None:
+        opts.refiner_config, opts.refiner_ckpt = args.refiner_config, args.refiner_ckpt
     if opts.prepack and inputs.resolve_device(opts.device).type != "cpu":
         opts.prepack = False  # a CPU-only path; elsewhere the plain kernels (rounding may differ anyway)
     if mode == "img2img":  # resized to the recorded size, as the run did (rounding to multiples of 32)

@@ -19,7 +19,7 @@ import torch
 
 import ldm
 from ldm import fast, pipeline, png_info
-from ldm.cli import inputs, record
+from ldm.cli import inputs, record, sdxl
 from ldm.cli.flags import PRECISIONS, CLIError, build_parser
 
 SAMPLE_NAME, SAMPLE_TEMPLATE = r"(\d{5,})\.png", "{:05}.png"
@@ -53,16 +53,23 @@ def autocast_dtype(opts: argparse.Namespace) -> torch.dtype | None:
 def generate(opts: argparse.Namespace, model, prompts: list[str],
              init_image: torch.Tensor | None = None) -> Iterator[tuple[int, list[str], torch.Tensor]]:
     """(batch number, prompts, latents) for every batch of the run (ldm.pipeline.generate with the flags)."""
+    refiner = getattr(opts, "refiner_model", None)
+    sgm = {}
+    if getattr(opts, "sgm", False):  # SDXL: the size / crop / score conditioning, the refiner (cli/sdxl.py)
+        sgm["value_dict"] = sdxl.value_dict(opts)
+        if refiner is not None:
+            sgm.update(handoff=opts.refiner_strength, second_stage=sdxl.second_stage(opts, refiner))
     return pipeline.generate(
         model, prompts, n_samples=opts.n_samples, latent_shape=(opts.C, opts.H // opts.f, opts.W // opts.f),
         seed=opts.seed, n_iter=opts.n_iter, fixed_code=opts.fixed_code, init_image=init_image,
         strength=getattr(opts, "strength", None), autocast=autocast_dtype(opts), sampler=opts.sampler,
         steps=opts.ddim_steps, schedule=opts.schedule, scale=opts.scale, eta=opts.ddim_eta,
-        negative_prompt=opts.negative_prompt)
+        negative_prompt=opts.negative_prompt, **sgm)
 
 
 def decode(opts: argparse.Namespace, model, latents: torch.Tensor) -> torch.Tensor:
-    """Images in [0, 1] on the CPU."""
+    """Images in [0, 1] on the CPU (decoded by the refiner when there is one)."""
+    model = getattr(opts, "refiner_model", None) or model
     dtype = autocast_dtype(opts)
     scope = torch.autocast(opts.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     with torch.no_grad(), scope:
@@ -75,6 +82,9 @@ def file_hashes(opts: argparse.Namespace, mode: str) -> dict[str, str]:
         hashes.update({"VAE hash": png_info.file_hash(opts.vae), "VAE": os.path.basename(opts.vae)})
     if mode == "img2img":
         hashes.update({"Init image": opts.init_img, "Init image hash": png_info.file_hash(opts.init_img)})
+    if getattr(opts, "refiner_ckpt", None) is not None:
+        hashes.update({"Refiner": os.path.splitext(os.path.basename(opts.refiner_ckpt))[0],
+                       "Refiner hash": png_info.file_hash(opts.refiner_ckpt)})
     return hashes
 
 
@@ -85,12 +95,17 @@ def prepare(opts: argparse.Namespace, mode: str, before_load=None):
     prompts = inputs.read_prompts(opts)
     init_image = None
     if mode == "img2img":
-        init_image = inputs.load_init_image(opts.init_img, opts.W, opts.H)
+        read = sdxl.load_init_image if opts.sgm else inputs.load_init_image  # SDXL: the demo's load_img
+        init_image = read(opts.init_img, opts.W, opts.H)
         opts.H, opts.W = init_image.shape[2:]
+    sdxl.resolve_sizes(opts)
     if before_load is not None:
         before_load()
     model = load(opts)
     inputs.check_run(opts, model)
+    if getattr(opts, "refiner_ckpt", None) is not None:
+        opts.refiner_model = sdxl.load_refiner(opts, model)
+        apply_speed_flags(opts, opts.refiner_model)
     inputs.warn_long_prompts(model, prompts + [opts.negative_prompt])
     return model, prompts, init_image
 
