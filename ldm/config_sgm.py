@@ -224,7 +224,8 @@ def _section(data: Any, where: str, src: str, targets: tuple[str, ...], extra: t
         raise ConfigError(f"{src}: {where} must be a mapping with 'target' and 'params', got {data!r}")
     for key in data:
         if key not in ("target", "params") + extra:
-            raise ConfigError(f"{src}: unknown field {where}.{key!r} (expected {', '.join(('target', 'params') + extra)})")
+            expected = ", ".join(("target", "params") + extra)
+            raise ConfigError(f"{src}: unknown field {where}.{key!r} (expected {expected})")
     target = data.get("target")
     if target not in targets:
         raise ConfigError(f"{src}: unknown target {where}.target={target!r} (supported: {', '.join(targets)})")
@@ -350,7 +351,8 @@ def _check_supported(cfg: DiffusionEngineConfig, src: str) -> None:
     checks = [
         (f"{where}.network_wrapper", cfg.network_wrapper in (None, OPENAI_WRAPPER), cfg.network_wrapper),
         (f"{where}.network_config.params.spatial_transformer_attn_type",
-         cfg.unet.spatial_transformer_attn_type in ("softmax", "softmax-xformers"), cfg.unet.spatial_transformer_attn_type),
+         cfg.unet.spatial_transformer_attn_type in ("softmax", "softmax-xformers"),
+         cfg.unet.spatial_transformer_attn_type),
         # decoding in chunks may round differently from one batch; --vae_slice is ours
         (f"{where}.first_stage_config.params.max_batch_size", vae.max_batch_size is None, vae.max_batch_size),
     ]

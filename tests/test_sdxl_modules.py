@@ -25,7 +25,8 @@ from ldm.config_sgm import DiffusionEngineConfig
 from ldm.denoisers import CFGDenoiser, Denoiser
 from ldm.loader import plan_load
 from make_fixtures_sdxl import (CONFIGS, CKPT_SEED, DENOISER_SIGMAS, GRID_STEPS, NEGATIVES, PROMPTS, SEED,
-                                STRENGTHS, TOY_CASES, TOY_STEPS, VALUES, state_digest, toy_conditioning)
+                                STRENGTHS, TOY_CASES, TOY_STEPS, VALUES, WRAPPED_STEPS, state_digest,
+                                toy_conditioning)
 from manifests import load_manifest
 from tiny_models import make_tiny_checkpoint, tiny_config_path
 
@@ -152,8 +153,8 @@ def _variant(tmp_path, old, new):
     ("denoiser_scaling.EpsScaling", "denoiser_scaling.VScaling", "scaling_config.target"),
     ("    scale_factor: 0.13025", "    scale_factr: 0.13025", "model.params.'scale_factr'"),
     ("              layer: penultimate", "              layer: pooled", "layer='pooled' must be one of"),
-    ("              always_return_pooled: True\n              legacy: False", "              always_return_pooled: True",
-     "always_return_pooled needs legacy: False"),
+    ("              always_return_pooled: True\n              legacy: False",
+     "              always_return_pooled: True", "always_return_pooled needs legacy: False"),
     ("        spatial_transformer_attn_type: softmax-xformers", "        spatial_transformer_attn_type: linear",
      "unsupported value"),
 ])
@@ -282,9 +283,10 @@ def test_discretizations_and_wrappers_are_sgm_bit_for_bit(reference):
     sigmas = schedules.sgm_sigmas(schedules.sgm_alphas_cumprod())
     for n in GRID_STEPS:
         for schedule in ("uniform", "karras"):
-            assert torch.equal(schedules.sgm_sigma_list(sigmas, n, schedule), ref[f"grid.{schedule}.{n}"]), (schedule, n)
+            got = schedules.sgm_sigma_list(sigmas, n, schedule)
+            assert torch.equal(got, ref[f"grid.{schedule}.{n}"]), (schedule, n)
         full = schedules.sgm_sigma_list(sigmas, n)
-        for s in STRENGTHS:
+        for s in STRENGTHS if n in WRAPPED_STEPS else []:
             assert torch.equal(schedules.img2img_sigmas(full, s), ref[f"grid.img2img.{n}.{s}"]), (n, s)
             assert torch.equal(schedules.txt2noisy_sigmas(full, s, n), ref[f"grid.txt2noisy.{n}.{s}"]), (n, s)
     # the examples: no +1 offset, 0.3 of 10 steps keeps 2 steps

@@ -178,8 +178,8 @@ def make_tiny_checkpoint(config_path: str | os.PathLike, out_path: str | os.Path
 
 
 def tiny_model(config_path: str | os.PathLike, seed: int = 0) -> LatentDiffusion:
-    """A CPU float32 LatentDiffusion (or sgm DiffusionEngine) with the raw (non-EMA) weights `make_tiny_checkpoint` would write,
-    loaded directly (strict) without going through ldm.loader."""
+    """A CPU float32 LatentDiffusion (or sgm DiffusionEngine) with the raw (non-EMA) weights
+    `make_tiny_checkpoint` would write, loaded directly (strict) without going through ldm.loader."""
     cfg = load_config(config_path)
     model = build_model(cfg, device="meta")  # no random init: every tensor comes from the state dict
     model.load_state_dict(model_state_dict(cfg, seed), strict=True, assign=True)

@@ -141,7 +141,8 @@ class GeneralConditioner(nn.Module):
         force_zero_embeddings = force_zero_embeddings or []
         missing = [key for key in self.input_keys if key not in batch]
         if missing:
-            raise KeyError(f"the conditioner's batch lacks {', '.join(missing)} (it reads {', '.join(self.input_keys)})")
+            raise KeyError(f"the conditioner's batch lacks {', '.join(missing)} "
+                           f"(it reads {', '.join(self.input_keys)})")
         output = {}
         for embedder in self.embedders:
             emb_out = embedder.embed(batch[embedder.input_key])
