@@ -179,6 +179,7 @@ def test_sdxl_img2img_rerun_is_identical(checkpoints, fixture, tmp_path, capsys)
     (["--schedule", "exponential"], "schedule 'exponential' does not apply"),
     (["--aesthetic_score", "7"], "--aesthetic_score applies to a model conditioned on it"),
     (["--refiner_ckpt", "x.safetensors"], "needs both --refiner_config and --refiner_ckpt"),
+    (["--refiner_strength", "0.3"], "needs both --refiner_config and --refiner_ckpt"),
     (["--ddim_steps", "1001"], "steps must be an integer in [1, 1000]"),
 ])
 def test_sdxl_refusals_are_one_line(checkpoints, tmp_path, capsys, extra, message):
@@ -232,3 +233,16 @@ def test_sdxl_init_image_is_read_as_the_demo(tmp_path):
         expected = np.array(source.convert("RGB").resize((64, 64), Image.BICUBIC)).astype(np.float32) / 127.5 - 1.0
     assert image.shape == (1, 3, 64, 64)
     assert torch.equal(image[0].permute(1, 2, 0), torch.from_numpy(expected))
+
+
+def test_sdxl_half_precision_vae_overflow_is_decoded_again_in_float32():
+    """SDXL's VAE overflows in float16 (diffusers #4325): the decode guard of ldm.pipeline covers sgm models."""
+    from test_pipeline import _HalfOverflowVAE
+    from tiny_models import tiny_model
+
+    model = tiny_model(tiny_config_path("tiny-sdxl-base"))
+    model.first_stage_model = _HalfOverflowVAE().to(torch.float16)
+    model.scale_factor = 0.5
+    images = pipeline.decode(model, torch.ones(1, 4, 2, 2))
+    assert torch.equal(images, torch.full((1, 4, 2, 2), 2.0))
+    assert model.vae.weight.dtype == torch.float16

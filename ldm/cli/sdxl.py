@@ -103,7 +103,7 @@ def resolve(opts: argparse.Namespace, mode: str) -> None:
         if given and cfg is not None:
             raise CLIError(f"--{given[0]} applies to SDXL (generative-models) configs only")
         return
-    refiner = getattr(opts, "refiner_ckpt", None) is not None or getattr(opts, "refiner_config", None) is not None
+    refiner = any(getattr(opts, name, None) is not None for name in REFINER_FLAGS)
     if refiner:
         _check_refiner(opts)
     keys = input_keys(cfg) | (input_keys(config_of(opts.refiner_config)) if refiner else set())
@@ -123,7 +123,9 @@ def _check_refiner(opts: argparse.Namespace) -> None:
     for path, what in ((opts.refiner_config, "refiner config"), (opts.refiner_ckpt, "refiner checkpoint")):
         if not os.path.isfile(path):
             raise CLIError(f"{what} not found: {path}")
-    if not is_sgm(config_of(opts.refiner_config)):
+    from ldm.config import load_config
+
+    if not is_sgm(load_config(opts.refiner_config)):  # a config that does not read says why
         raise CLIError(f"--refiner_config {opts.refiner_config} is not a generative-models (SDXL) config")
     if opts.refiner_strength is None:
         opts.refiner_strength = 0.15
