@@ -272,9 +272,10 @@ def _text_encoder(params: Any, target: str, where: str, src: str) -> TextEncoder
     return dataclasses.replace(cfg, **resolved)
 
 
-def parse_config(data: Any, src: str = "<config>") -> LatentDiffusionConfig:
+def parse_config(data: Any, src: str = "<config>"):
     """Read the contents of an original yaml (as plain Python data) into a LatentDiffusionConfig (a
-    ControlLDMConfig for lllyasviel/ControlNet's `cldm.cldm.ControlLDM`, ldm/config_controlnet.py).
+    ControlLDMConfig for lllyasviel/ControlNet's `cldm.cldm.ControlLDM`, ldm/config_controlnet.py; for an sgm
+    yaml, model.target sgm.models.diffusion.DiffusionEngine, a config_sgm.DiffusionEngineConfig).
 
     Other top-level sections (`data`, `lightning` of training yamls and of the released
     v2-inpainting-inference.yaml) are ignored, as the original scripts read only `config.model`.
@@ -289,13 +290,17 @@ def parse_config(data: Any, src: str = "<config>") -> LatentDiffusionConfig:
         if key not in ("base_learning_rate", "target", "params"):
             raise ConfigError(f"{src}: unknown field model.{key!r} (expected base_learning_rate, target, params)")
     target = model.get("target")
+    from ldm.config_sgm import DIFFUSION_ENGINE, parse_sgm  # generative-models (SDXL): ldm/config_sgm.py
+
+    if target == DIFFUSION_ENGINE:
+        return parse_sgm(model, src)
     if target == CONTROL_LDM:
         from ldm.config_controlnet import parse_control_ldm
 
         return parse_control_ldm(model, src)
     if target not in (LATENT_DIFFUSION, LATENT_INPAINT_DIFFUSION):
-        raise ConfigError(f"{src}: unknown target model.target={target!r} "
-                          f"(supported: {LATENT_DIFFUSION}, {LATENT_INPAINT_DIFFUSION}, {CONTROL_LDM})")
+        raise ConfigError(f"{src}: unknown target model.target={target!r} (supported: {LATENT_DIFFUSION}, "
+                          f"{LATENT_INPAINT_DIFFUSION}, {CONTROL_LDM}, {DIFFUSION_ENGINE})")
     return parse_model(model, src)
 
 
@@ -342,6 +347,7 @@ def _check_supported(cfg: LatentDiffusionConfig, src: str) -> None:
         raise ConfigError(f"{src}: model.params.unet_config.params needs num_heads or num_head_channels")
 
 
-def load_config(path: str | os.PathLike) -> LatentDiffusionConfig:
-    """Read an original Stable Diffusion inference yaml (as omegaconf reads it, incl. `1e-4` floats)."""
+def load_config(path: str | os.PathLike):
+    """Read an original Stable Diffusion (CompVis / Stability) or SDXL (sgm) inference yaml, as omegaconf reads
+    it (incl. `1e-4` floats): a LatentDiffusionConfig or a config_sgm.DiffusionEngineConfig."""
     return parse_config(read_yaml(path), os.fspath(path))

@@ -39,10 +39,17 @@ class Denoiser:
     Timesteps: by default the FRACTIONAL timestep of sigma by log-sigma interpolation of the discrete
     schedule (CompVisDenoiser); `quantize` rounds to the nearest training timestep; interpolation="log_alpha"
     is the continuous-time mapping of Stability's DPM-Solver (log alpha linear between timesteps).
+
+    `quantize_sigma` is generative-models' DiscreteDenoiser (sgm denoiser.py, SDXL): every call replaces sigma
+    by the nearest entry of `sigmas` (smallest |sigma - sigmas[n]| in float32, the first on a tie, as its
+    sigma_to_idx), computes c_in and c_out from that QUANTIZED sigma and hands the UNet the integer index n.
+    The sampler's own arithmetic keeps the unquantized sigma. `sigmas`: the ascending discrete table (default
+    sqrt((1 - a) / a) of alphas_cumprod; sgm rounds it differently, schedules.sgm_sigmas).
     """
 
     def __init__(self, model_fn: Callable, alphas_cumprod: torch.Tensor, parameterization: str = "eps",
-                 quantize: bool = False, interpolation: str = "log_sigma"):
+                 quantize: bool = False, interpolation: str = "log_sigma", quantize_sigma: bool = False,
+                 sigmas: torch.Tensor | None = None):
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"unknown parameterization {parameterization!r}; valid: {', '.join(PARAMETERIZATIONS)}")
         if interpolation not in schedules.INTERPOLATIONS:
@@ -52,13 +59,16 @@ class Denoiser:
         self.parameterization = parameterization
         self.quantize = quantize
         self.interpolation = interpolation
-        self.sigmas = schedules.discrete_sigmas(alphas_cumprod)  # ascending in t, float32, CPU
+        self.quantize_sigma = quantize_sigma
+        # ascending in t, float32, CPU
+        self.sigmas = (schedules.discrete_sigmas(alphas_cumprod) if sigmas is None
+                       else sigmas.detach().to("cpu", torch.float32))
 
     def replace(self, **changes) -> Denoiser:
         """A copy with other timestep options (quantize, interpolation); the sampler registry uses it to
         hand the UNet exactly the timesteps of the original samplers."""
         options = dict(parameterization=self.parameterization, quantize=self.quantize,
-                       interpolation=self.interpolation)
+                       interpolation=self.interpolation, quantize_sigma=self.quantize_sigma, sigmas=self.sigmas)
         options.update(changes)
         return Denoiser(self.model_fn, self.alphas_cumprod, **options)
 
@@ -69,7 +79,11 @@ class Denoiser:
         if sigma.ndim > 1 or (sigma.ndim == 1 and sigma.shape[0] != x.shape[0]):
             raise ValueError(f"sigma must be a scalar or of shape ({x.shape[0]},) like x's batch, got "
                              f"{tuple(sigma.shape)}")
-        t = self.sigma_to_t(sigma.reshape(-1)).to(device=x.device, dtype=torch.float32)
+        if self.quantize_sigma:
+            index = schedules.nearest_sigma_index(sigma.reshape(-1), self.sigmas)
+            t, sigma = index.to(x.device), self.sigmas[index].reshape(sigma.shape)
+        else:
+            t = self.sigma_to_t(sigma.reshape(-1)).to(device=x.device, dtype=torch.float32)
         sigma = append_dims(sigma.to(x), x.ndim)
         c_in = 1 / (sigma**2 + 1) ** 0.5
         out = self.model_fn(x * c_in, t, cond, **extra)
@@ -121,12 +135,15 @@ class CFGDenoiser:
     [uncond, cond], and scale 1 (or no uncond) skips the unconditional branch. Other extra arguments are shared
     by both halves. Two conditionings that cannot share a batch (`pairable`), or `batched=False`, run as two
     calls, cond first (ControlNet's ddim_hacked.py; A1111 for prompts of different chunk counts); kernels
-    block by batch size, so the two forms agree to float rounding, not bit for bit.
+    block by batch size, so the two forms agree to float rounding, not bit for bit. skip_at_one=False guides at
+    scale 1 as well (generative-models' VanillaCFG: uncond + 1 * (cond - uncond) is not cond bit for bit).
     """
 
-    def __init__(self, denoiser, scale: float = 1.0, *, cond=None, uncond=None, batched: bool = True):
+    def __init__(self, denoiser, scale: float = 1.0, *, cond=None, uncond=None, batched: bool = True,
+                 skip_at_one: bool = True):
         self.denoiser, self.scale, self.cond, self.uncond = denoiser, scale, cond, uncond
         self.batched = batched
+        self.skip_at_one = skip_at_one  # sgm's VanillaCFG guides at scale 1 too: skip_at_one=False
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
@@ -138,13 +155,13 @@ class CFGDenoiser:
 
     def replace(self, **changes) -> CFGDenoiser:
         return CFGDenoiser(self.denoiser.replace(**changes), self.scale, cond=self.cond, uncond=self.uncond,
-                           batched=self.batched)
+                           batched=self.batched, skip_at_one=self.skip_at_one)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond=None, uncond=None, **extra_args):
         cond = self.cond if cond is None else cond
         uncond = self.uncond if uncond is None else uncond
-        if self.scale == 1.0 or uncond is None:
-            if self.scale != 1.0:
+        if (self.scale == 1.0 and self.skip_at_one) or uncond is None:
+            if self.scale != 1.0 or not self.skip_at_one:
                 raise ValueError(f"guidance scale {self.scale} needs an unconditional conditioning")
             return self.denoiser(x, sigma, cond=cond, **extra_args)
         if self.batched and pairable(uncond, cond):

@@ -18,6 +18,9 @@ themselves. The rules below cover what the original training code stores differe
   shape (o, i, 1, 1) fills an (o, i) parameter and back.
 - Named ignore list (IGNORED): checkpoint keys the model does not hold, each with its reason. Any other key
   that fills nothing is an error, as is any model tensor that nothing fills.
+- SDXL (generative-models' DiffusionEngine, ldm/models/sgm.py): the same UNet / VAE / EMA keys; the text
+  encoders live under `conditioner.embedders.N.` (CLIP in transformers' layout, open_clip's text tower), and
+  `denoiser.sigmas` (the denoiser's table) is recomputed, so it may be present or not.
 
 Memory (`load_model`): the model is built on the meta device (no storage), checkpoint tensors are memory-mapped
 views (ldm/checkpoint.py), each is converted to the model tensor's dtype and the target device one at a time,
@@ -29,6 +32,7 @@ file in place while the model lives, as with torch.load(mmap=True)).
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -46,6 +50,10 @@ CLIP_NEW, CLIP_OLD = TEXT + "transformer.text_model.", TEXT + "transformer."
 EMA_PREFIX = "model_ema."
 CONTROL = "control_model."  # lllyasviel/ControlNet ControlLDM's ControlNet (ldm/controlnet_loader.py)
 EMA_BOOKKEEPING = (EMA_PREFIX + "decay", EMA_PREFIX + "num_updates")
+# transformers' position_ids buffer of a CLIP text model, v1 (cond_stage_model.) or SDXL (conditioner.embedders.N.)
+POSITION_IDS = re.compile(r"(cond_stage_model|conditioner\.embedders\.\d+)\.transformer\.(text_model\.)?"
+                          r"embeddings\.position_ids")
+SGM_SIGMAS = "denoiser.sigmas"
 # Checkpoint keys that may be left unused, by rule name. A rule only applies to a key the model does not
 # take (a model that has e.g. `logit_scale` gets the file's value).
 IGNORED = {
@@ -54,7 +62,9 @@ IGNORED = {
     # training state of LitEma
     "EMA bookkeeping": lambda key: key in EMA_BOOKKEEPING,
     # transformers' arange(77) buffer; our text encoder computes the positions (checked in check_position_ids)
-    "CLIP position_ids": lambda key: key.startswith(CLIP_OLD) and key.endswith("embeddings.position_ids"),
+    "CLIP position_ids": lambda key: POSITION_IDS.fullmatch(key) is not None,
+    # sgm DiscreteDenoiser's table, a buffer: recomputed from the config, compared with the file (check_schedule)
+    "denoiser sigmas": lambda key: key == SGM_SIGMAS,
     # open_clip's contrastive head; the cross-attention context does not use it
     "open_clip head": lambda key: key in (TEXT + "model.logit_scale", TEXT + "model.text_projection"),
     # training state of ddpm.py LatentDiffusion: the scale_by_std buffer, a learned per-step logvar, a VAE
@@ -198,6 +208,8 @@ def check_schedule(model: nn.Module, ckpt: Mapping[str, torch.Tensor], path) -> 
     (a v1 file with a v2 config, a finetune with another beta range, ...)."""
     ours = model.alphas_cumprod.detach().cpu().double()
     expected = {"alphas_cumprod": ours, "betas": 1 - ours / torch.cat([ours.new_ones(1), ours[:-1]])}
+    if hasattr(model, "sigmas"):  # sgm: the denoiser's sigma table
+        expected[SGM_SIGMAS] = model.sigmas.double()
     for name, reference in expected.items():
         stored = ckpt.get(name)
         if stored is None or stored.is_meta:
@@ -219,23 +231,39 @@ def check_schedule(model: nn.Module, ckpt: Mapping[str, torch.Tensor], path) -> 
 def check_position_ids(ckpt: Mapping[str, torch.Tensor], path) -> None:
     """Warn when a stored CLIP position_ids buffer is not 0..T-1: transformers used the stored values, so
     such a file (some merges wrote float, slightly off ids) behaves differently in the original."""
-    for key in (CLIP_NEW + "embeddings.position_ids", CLIP_OLD + "embeddings.position_ids"):
-        stored = ckpt.get(key)
-        if stored is not None and not stored.is_meta:
+    for key in [k for k in ckpt if POSITION_IDS.fullmatch(k)]:
+        stored = ckpt[key]
+        if not stored.is_meta:
             if not torch.equal(stored.double().flatten(), torch.arange(stored.numel(), dtype=torch.float64)):
                 warnings.warn(f"{path}: {key} is not 0..{stored.numel() - 1}; the model uses 0..{stored.numel() - 1}",
                               stacklevel=3)
 
 
+def build_model(cfg, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                with_control: bool = True) -> nn.Module:
+    """The (untrained) model of a config from ldm.config.load_config: a LatentDiffusion (CompVis / Stability
+    yamls; a ControlLDM for a ControlLDM yaml unless with_control=False) or a DiffusionEngine (sgm yamls);
+    device="meta" allocates no storage."""
+    from ldm.config_sgm import DiffusionEngineConfig
+
+    if isinstance(cfg, DiffusionEngineConfig):
+        from ldm.models.sgm import build_model as build
+
+        return build(cfg, device=device, dtype=dtype)
+    from ldm.models.latent_diffusion import build_model as build
+
+    return build(cfg, device=device, dtype=dtype, with_control=with_control)
+
+
 def load_model(config_path: str | os.PathLike, ckpt_path: str | os.PathLike, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32, ema: bool = True, vae_path: str | os.PathLike | None = None,
                with_control: bool = True):
-    """The LatentDiffusion of `config_path` with the weights of `ckpt_path` (.ckpt/.pt/.safetensors), in eval
-    mode with requires_grad False. ema=True uses the EMA UNet weights when the file has them; `vae_path`
-    replaces the checkpoint's autoencoder with a standalone VAE file's. A ControlLDM config gives a ControlLDM
-    with the file's ControlNet, or with with_control=False the Stable Diffusion part alone."""
+    """The model of `config_path` (LatentDiffusion; for an sgm yaml DiffusionEngine; for a ControlLDM yaml a
+    ControlLDM with the file's ControlNet, or with with_control=False the Stable Diffusion part alone) with the
+    weights of `ckpt_path` (.ckpt/.pt/.safetensors), in eval mode with requires_grad False. ema=True uses the EMA
+    UNet weights when the file has them; `vae_path` replaces the checkpoint's autoencoder with a standalone VAE
+    file's."""
     from ldm.config import ConfigError, load_config
-    from ldm.models.latent_diffusion import build_model
 
     device = torch.device(device)
     cfg = load_config(config_path)

@@ -80,9 +80,26 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
     return next(model.unet.parameters()).dtype
 
 
+# What a model family does differently from the originals' scripts (CompVis / Stability, "ldm"): generative-models
+# (sgm, SDXL: ldm/models/sgm.py, `model.family`) defaults to its demo's sampler, scale and size, maps --sampler
+# names onto its own samplers, and guides at every scale (VanillaCFG).
+FAMILY_DEFAULTS = {"ldm": {"sampler": "ddim", "scale": 7.5, "size": 512},
+                   "sgm": {"sampler": "euler", "scale": 5.0, "size": 1024}}
+
+
+def family(model) -> str:
+    return getattr(model, "family", "ldm")
+
+
+def sampler_for(model, sampler: str | None) -> str:
+    """The registry name of `sampler` for this model (its family's default when None): sgm models take the
+    demo's names (euler, heun, euler_a, dpmpp_2s_a, dpmpp_2m, lms) for generative-models' samplers."""
+    return samplers.resolve(sampler or FAMILY_DEFAULTS[family(model)]["sampler"], family(model))
+
+
 def make_denoiser(model, prompts: list[str], negative_prompt: str | Sequence[str] = "",
                   scale: float = 7.5, text=None, controls: Sequence | None = None,
-                  guess_mode: bool = False) -> CFGDenoiser:
+                  guess_mode: bool = False, value_dict: dict | None = None) -> CFGDenoiser:
     """The sampler's view of the model: eps/v wrapper around `model.apply_model`, with classifier-free guidance.
 
     As the original scripts, the unconditional branch is the encoding of "" (or of the negative prompt)
@@ -96,21 +113,34 @@ def make_denoiser(model, prompts: list[str], negative_prompt: str | Sequence[str
     demos' un_cond with c_concat None). Then the branches run as two calls, conditional first, as
     ControlNet's cldm/ddim_hacked.py does (it calls apply_model once per branch), so that the batch sizes, and
     with them the kernels' rounding, are the original's.
+
+    A model may bring its own parts (ldm/models/sgm.py): `denoiser` (sgm's DiscreteDenoiser), an
+    `unconditional_conditioning` (sgm: zeroed text, the negative aesthetic score) and conditioning values
+    (`value_dict`: sizes, crop, aesthetic score); sgm guides at scale 1 too (VanillaCFG).
     """
+    always = family(model) == "sgm"
+    negatives = _as_list(negative_prompt, len(prompts))
     if text is None or text.is_original:  # the original's calls, unchanged
-        cond = model.conditioning(prompts)
-        uncond = model.conditioning(_as_list(negative_prompt, len(prompts))) if scale != 1.0 else None
+        values = {} if value_dict is None else {"value_dict": value_dict}
+        cond = model.conditioning(prompts, **values)
+        uncond = None
+        if scale != 1.0 or always:
+            unconditional = getattr(model, "unconditional_conditioning", model.conditioning)
+            uncond = unconditional(negatives, **values)
     else:  # A1111 computes the negative prompt's conditioning first (processing.py setup_conds)
-        uncond = (model.conditioning(_as_list(negative_prompt, len(prompts)), text, negative=True)
-                  if scale != 1.0 else None)
+        if always:
+            raise ValueError("the A1111 prompt syntax, clip skip and embeddings are for SD 1.x / 2.x models")
+        uncond = model.conditioning(negatives, text, negative=True) if scale != 1.0 else None
         cond = model.conditioning(prompts, text)
     if controls:
         cond = {**cond, "control": list(controls)}
         if uncond is not None and not guess_mode:
             uncond = {**uncond, "control": list(controls)}
     # timestep options (integer or fractional t) are the sampler registry's business (SamplerSpec.timing)
-    denoiser = Denoiser(model.apply_model, model.alphas_cumprod, model.parameterization)
-    return CFGDenoiser(denoiser, scale, cond=cond, uncond=uncond, batched=not controls)
+    denoiser = getattr(model, "denoiser", None)
+    if denoiser is None:
+        denoiser = Denoiser(model.apply_model, model.alphas_cumprod, model.parameterization)
+    return CFGDenoiser(denoiser, scale, cond=cond, uncond=uncond, batched=not controls, skip_at_one=not always)
 
 
 def decode(model, latents: torch.Tensor) -> torch.Tensor:
@@ -155,26 +185,38 @@ def check_sampling(model, *, scale: float, eta: float, shape: Sequence[int]) -> 
 
 @torch.no_grad()
 def sample(model, prompts: str | Sequence[str], *, negative_prompt: str | Sequence[str] = "",
-           sampler: str = "ddim", steps: int = 50, schedule: str = "uniform", scale: float = 7.5,
+           sampler: str | None = None, steps: int = 50, schedule: str = "uniform", scale: float | None = None,
            eta: float = 0.0, options: dict | None = None, shape: Sequence[int], generator: torch.Generator,
            x_T: torch.Tensor | None = None, init_latent: torch.Tensor | None = None,
            strength: float | None = None, callback: Callable | None = None,
-           disable: bool = False, text=None, controls: Sequence | None = None,
-           guess_mode: bool = False) -> torch.Tensor:
+           disable: bool = False, text=None, controls: Sequence | None = None, guess_mode: bool = False,
+           value_dict: dict | None = None, handoff: float | None = None, add_noise: bool = True) -> torch.Tensor:
     """Latents for one batch; draws x_T (or the img2img forward noise) from `generator` unless given.
-    `options`: the sampler's own options (ldm.samplers.SamplerSpec.options); `text`: ldm.prompts.TextOptions;
-    `controls`, `guess_mode`: ControlNets (make_denoiser)."""
+    `options`: the sampler's own options (ldm.samplers.SamplerSpec.options). sampler / scale: the model
+    family's defaults when None (ddim, 7.5; SDXL: euler, 5.0). `text`: ldm.prompts.TextOptions; `controls`,
+    `guess_mode`: ControlNets (make_denoiser). value_dict: an sgm model's conditioning values
+    (ldm/models/sgm.py). handoff / add_noise: a run stopped early for a refiner and its finishing run
+    (ldm.samplers.sample)."""
     if model.conditioning_key == "hybrid":
         raise ValueError("inpainting (hybrid) models need an image and a mask: use ldm.pipeline.inpaint "
                          "(txt2img/img2img do not run them)")
-    check_sampling(model, scale=scale, eta=eta, shape=shape)
     device = model_device(model)
-    denoiser = make_denoiser(model, list(prompts), negative_prompt, scale, text, controls, guess_mode)
+    scale = FAMILY_DEFAULTS[family(model)]["scale"] if scale is None else scale
+    check_sampling(model, scale=scale, eta=eta, shape=shape)
+    denoiser = make_denoiser(model, list(prompts), negative_prompt, scale, text, controls, guess_mode, value_dict)
     if x_T is None:
         x_T = randn(shape, generator, device)
-    return samplers.sample(denoiser, x_T.to(device), sampler=sampler, steps=steps, schedule=schedule,
-                           eta=eta, options=options, generator=generator, init_latent=init_latent,
-                           strength=strength, callback=callback, disable=disable)
+    extra = {} if handoff is None and add_noise else {"handoff": handoff, "add_noise": add_noise}
+    return samplers.sample(denoiser, x_T.to(device), sampler=sampler_for(model, sampler), steps=steps,
+                           schedule=schedule, eta=eta, options=options, generator=generator, init_latent=init_latent,
+                           strength=strength, callback=callback, disable=disable, **extra)
+
+
+def size_values(height: int, width: int, value_dict: dict | None = None) -> dict:
+    """An sgm model's conditioning values for an image of height x width (the demo's init_dict: original and
+    target size the image's, crop 0, 0), under the caller's `value_dict`."""
+    return {"orig_height": height, "orig_width": width, "target_height": height, "target_width": width,
+            **(value_dict or {})}
 
 
 def text_options(model, prompt_syntax: str = "plain", clip_skip: int = 1, embeddings: Sequence = ()):
@@ -213,44 +255,62 @@ def networks(model, first_prompt: str, prompt_syntax: str = "plain", loras: Sequ
 
 
 def txt2img(model, prompts: str | Sequence[str], *, negative_prompt: str | Sequence[str] = "",
-            sampler: str = "ddim", steps: int = 50, schedule: str = "uniform", scale: float = 7.5,
-            eta: float = 0.0, options: dict | None = None, H: int = 512, W: int = 512, C: int = 4, f: int = 8,
-            seed: int | None = None, generator: torch.Generator | None = None, n_samples: int | None = None,
-            x_T: torch.Tensor | None = None, callback: Callable | None = None,
+            sampler: str | None = None, steps: int = 50, schedule: str = "uniform", scale: float | None = None,
+            eta: float = 0.0, options: dict | None = None, H: int | None = None, W: int | None = None, C: int = 4,
+            f: int = 8, seed: int | None = None, generator: torch.Generator | None = None,
+            n_samples: int | None = None, x_T: torch.Tensor | None = None, callback: Callable | None = None,
             disable: bool = False, loras: Sequence = (), embeddings: Sequence = (), prompt_syntax: str = "plain",
-            lora_dir=None, clip_skip: int = 1, controls: Sequence | None = None,
-            guess_mode: bool = False) -> torch.Tensor:
+            lora_dir=None, clip_skip: int = 1, controls: Sequence | None = None, guess_mode: bool = False,
+            value_dict: dict | None = None, refiner=None, refiner_strength: float = 0.15,
+            refiner_steps: int | None = None) -> torch.Tensor:
     """Images for `prompts` (a list, or one string repeated n_samples times): (B, 3, H, W) in [0, 1].
-    `loras` ("PATH[:SCALE]" or ldm.lora.LoraSpec), `embeddings` (paths), `prompt_syntax` ("plain" | "a1111"),
-    `lora_dir` (for <lora:NAME> tags), `clip_skip` (A1111's numbering): as the command line's flags.
-    `controls`, `guess_mode`: ControlNets with their hints (make_denoiser)."""
+    H, W: 512 (SDXL: 1024) when None. `loras` ("PATH[:SCALE]" or ldm.lora.LoraSpec), `embeddings` (paths),
+    `prompt_syntax` ("plain" | "a1111"), `lora_dir` (for <lora:NAME> tags), `clip_skip` (A1111's numbering): as
+    the command line's flags. `controls`, `guess_mode`: ControlNets with their hints (make_denoiser). SDXL:
+    `value_dict` overrides the size / crop conditioning (default: H x W, crop 0, 0); `refiner` (an sgm model)
+    finishes the last `refiner_strength` of the run in `refiner_steps` (default `steps`) as the demo's "finish
+    denoising with refiner" (ldm/refiner.py) and decodes."""
     prompts = _as_list(prompts, n_samples)
+    H = FAMILY_DEFAULTS[family(model)]["size"] if H is None else H
+    W = FAMILY_DEFAULTS[family(model)]["size"] if W is None else W
     if H % f or W % f:
         raise ValueError(f"H and W must be multiples of f={f} (got {H}x{W})")
     generator = _generator(seed, generator)
     text = text_options(model, prompt_syntax, clip_skip, embeddings)
+    sgm = {"value_dict": size_values(H, W, value_dict)} if family(model) == "sgm" else {}
+    if refiner is not None:
+        sgm["handoff"] = refiner_strength
     with networks(model, prompts[0], prompt_syntax, loras, lora_dir):
         latents = sample(model, prompts, negative_prompt=negative_prompt, sampler=sampler, steps=steps,
                          schedule=schedule, scale=scale, eta=eta, options=options,
                          shape=(len(prompts), C, H // f, W // f), generator=generator, x_T=x_T,
-                         callback=callback, disable=disable, text=text, controls=controls, guess_mode=guess_mode)
+                         callback=callback, disable=disable, text=text, controls=controls, guess_mode=guess_mode,
+                         **sgm)
+    if refiner is not None:
+        from ldm.refiner import refine
+
+        latents = refine(refiner, latents, prompts, generator, negative_prompt=negative_prompt,
+                         strength=refiner_strength, steps=refiner_steps or steps, sampler=sampler, schedule=schedule,
+                         scale=scale, value_dict=value_dict, disable=disable)
     with torch.no_grad():
-        return to_unit(decode(model, latents))
+        return to_unit(decode(refiner or model, latents))
 
 
 def img2img(model, init_image: torch.Tensor, prompts: str | Sequence[str], *, strength: float = 0.75,
-            negative_prompt: str | Sequence[str] = "", sampler: str = "ddim", steps: int = 50,
+            negative_prompt: str | Sequence[str] = "", sampler: str | None = None, steps: int = 50,
             schedule: str = "uniform", scale: float = 5.0, eta: float = 0.0, options: dict | None = None,
             seed: int | None = None,
             generator: torch.Generator | None = None, n_samples: int | None = None,
             callback: Callable | None = None, disable: bool = False, loras: Sequence = (),
             embeddings: Sequence = (), prompt_syntax: str = "plain", lora_dir=None,
-            clip_skip: int = 1, controls: Sequence | None = None, guess_mode: bool = False) -> torch.Tensor:
+            clip_skip: int = 1, controls: Sequence | None = None, guess_mode: bool = False,
+            value_dict: dict | None = None) -> torch.Tensor:
     """Variations of `init_image` ((1 or B, 3, H, W) in [-1, 1]): (B, 3, H, W) images in [0, 1].
     LoRA, embedding, syntax and clip-skip arguments as txt2img.
 
     As the original img2img.py: the init image is repeated to the batch and encoded (one posterior sample
     per copy), noised to the level `strength` of the way through the schedule, then denoised from there.
+    SDXL: the size conditioning defaults to the image's size (the demo's run_img2img).
     """
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
@@ -261,13 +321,14 @@ def img2img(model, init_image: torch.Tensor, prompts: str | Sequence[str], *, st
     if init_image.shape[0] == 1:
         init_image = init_image.expand(len(prompts), -1, -1, -1)
     text = text_options(model, prompt_syntax, clip_skip, embeddings)
+    sgm = {"value_dict": size_values(*init_image.shape[2:], value_dict)} if family(model) == "sgm" else {}
     with networks(model, prompts[0], prompt_syntax, loras, lora_dir):
         with torch.no_grad():
             init_latent = encode_image(model, init_image, generator)
         latents = sample(model, prompts, negative_prompt=negative_prompt, sampler=sampler, steps=steps,
                          schedule=schedule, scale=scale, eta=eta, options=options, shape=init_latent.shape,
                          generator=generator, init_latent=init_latent, strength=strength, callback=callback,
-                         disable=disable, text=text, controls=controls, guess_mode=guess_mode)
+                         disable=disable, text=text, controls=controls, guess_mode=guess_mode, **sgm)
     with torch.no_grad():
         return to_unit(decode(model, latents))
 
@@ -292,7 +353,8 @@ def batches(prompts: Sequence[str], n_samples: int) -> list[list[str]]:
 def generate(model, prompts: Sequence[str], *, n_samples: int, latent_shape: Sequence[int], seed: int,
              n_iter: int = 1, fixed_code: bool = False, init_image: torch.Tensor | None = None,
              strength: float | None = None, autocast: torch.dtype | None = None, progress: bool = True,
-             loras: Sequence = (), lora_dir=None, **sampling) -> Iterator[tuple[int, list[str], torch.Tensor]]:
+             loras: Sequence = (), lora_dir=None, second_stage: Callable | None = None,
+             **sampling) -> Iterator[tuple[int, list[str], torch.Tensor]]:
     """(batch number, prompts, latents) for every batch of a run: `n_iter` passes over `prompts` in
     batches of n_samples, as the original scripts/txt2img.py and img2img.py loop.
 
@@ -303,9 +365,10 @@ def generate(model, prompts: Sequence[str], *, n_samples: int, latent_shape: Seq
     batch is padded with its last prompt to n_samples (the original fails on it), so that every batch draws
     the same amount of noise; the padding's latents are dropped. `autocast`: run under torch.autocast of the
     model's device type with that dtype. `sampling`: sample()'s sampler options (sampler, steps, schedule,
-    scale, eta, options, negative_prompt, text) and ControlNets (controls, guess_mode). `loras` / `lora_dir`: the
-    LoRAs of every batch (`networks`: with the a1111 syntax, also the tags of the batch's first prompt, as
-    A1111), merged while the batch samples.
+    scale, eta, options, negative_prompt, text, value_dict, handoff) and ControlNets (controls, guess_mode).
+    `loras` / `lora_dir`: the LoRAs of every batch (`networks`: with the a1111 syntax, also the tags of the batch's
+    first prompt, as A1111), merged while the batch samples. `second_stage(latents, prompts, generator)` runs on
+    every batch's latents with the run's generator (the SDXL refiner, ldm/refiner.py).
     """
     device = model_device(model)
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -328,5 +391,7 @@ def generate(model, prompts: Sequence[str], *, n_samples: int, latent_shape: Seq
                 with networks(model, padded[0], syntax, loras, lora_dir):
                     latents = sample(model, padded, shape=shape, generator=generator, x_T=start_code,
                                      init_latent=init_latent, strength=strength, disable=not progress, **sampling)
+                if second_stage is not None:
+                    latents = second_stage(latents, padded, generator)
                 yield number, chunk, latents[:len(chunk)]
                 number += 1

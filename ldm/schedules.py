@@ -100,6 +100,14 @@ def sigma_to_t(sigma: torch.Tensor, sigmas: torch.Tensor, quantize: bool = False
     return ((1 - w) * low + w * (low + 1)).view(sigma.shape)
 
 
+def nearest_sigma_index(sigma: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest entry of the table `sigmas` to each noise level, by |sigma - sigmas[n]| computed in
+    float32 (sgm denoiser.py DiscreteDenoiser.sigma_to_idx; argmin takes the first of equal distances). Not the
+    log-sigma distance of `sigma_to_t(quantize=True)`: the two disagree near midpoints. int64 on the CPU."""
+    dists = sigma.detach().to("cpu", torch.float32).reshape(-1) - sigmas.to(torch.float32)[:, None]  # (N, B)
+    return dists.abs().argmin(dim=0).view(sigma.shape)
+
+
 def t_to_sigma(t: torch.Tensor, sigmas: torch.Tensor, interpolation: str = "log_sigma") -> torch.Tensor:
     """Noise level of fractional timesteps, the inverse of sigma_to_t; float64."""
     t = t.to(torch.float64)
@@ -223,6 +231,78 @@ def k_sigma_list(sigmas: torch.Tensor, steps: int, schedule: str = "uniform") ->
     raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(K_SCHEDULES)}")
 
 
+# -- generative-models (sgm) discretizations (discretizer.py, scripts/demo/discretization.py) ------------
+
+def sgm_alphas_cumprod(linear_start: float = 0.00085, linear_end: float = 0.012,
+                       num_timesteps: int = 1000) -> torch.Tensor:
+    """LegacyDDPMDiscretization's alphas_cumprod: util.py make_beta_schedule("linear") in float64, then
+    np.cumprod(1 - betas) (torch's cumprod gives the same float64 values)."""
+    return alphas_cumprod_from_betas(make_beta_schedule(num_timesteps, linear_start, linear_end, "linear"))
+
+
+def sgm_sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """DiscreteDenoiser's table: LegacyDDPMDiscretization.get_sigmas(N) flipped to ascending. sgm rounds the
+    float64 ratio (1 - a) / a to float32 and takes the square root in float32, which differs in the last bit
+    from the float64 root rounded once (`discrete_sigmas`) for about a fifth of the entries."""
+    a = alphas_cumprod.detach().to("cpu", torch.float64)
+    return ((1 - a) / a).to(torch.float32) ** 0.5
+
+
+def sgm_legacy_ddpm_sigma_list(sigmas: torch.Tensor, steps: int) -> torch.Tensor:
+    """LegacyDDPMDiscretization()(steps): the timesteps np.linspace(N - 1, 0, steps, endpoint=False).astype(int)
+    (999, 899, ..., 99 for 10 of 1000: no +1 offset, never timestep 0 below N steps) read from the table
+    `sigmas` (ascending), descending, then 0."""
+    n = sigmas.shape[0]
+    if not isinstance(steps, int) or not 1 <= steps <= n:
+        raise ValueError(f"steps must be an integer in [1, {n}] (LegacyDDPMDiscretization), got {steps!r}")
+    # numpy's linspace: start + i * step in float64; astype(int) truncates toward zero
+    t = (torch.arange(steps, dtype=torch.float64) * ((0.0 - (n - 1)) / steps) + (n - 1)).long()
+    return _appended(sigmas[t] if steps < n else sigmas.flip(0), 0.0)
+
+
+def sgm_edm_sigma_list(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """EDMDiscretization(sigma_min, sigma_max, rho)(steps): Karras et al. (2022) eq. 5 as sgm computes it (a
+    float32 ramp, torch.linspace's), then 0. sigma_min / sigma_max are Python floats."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    ramp = torch.linspace(0, 1, steps)
+    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return _appended((max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho, 0.0)
+
+
+SGM_SCHEDULES = ("uniform", "karras")
+
+
+def sgm_sigma_list(sigmas: torch.Tensor, steps: int, schedule: str = "uniform") -> torch.Tensor:
+    """The sgm demo's discretizations over the denoiser's ascending table `sigmas`: "uniform" is
+    LegacyDDPMDiscretization, "karras" EDMDiscretization(sigmas[0], sigmas[-1], rho 7)."""
+    if schedule == "uniform":
+        return sgm_legacy_ddpm_sigma_list(sigmas, steps)
+    if schedule == "karras":
+        return sgm_edm_sigma_list(steps, float(sigmas[0]), float(sigmas[-1]))
+    raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SGM_SCHEDULES)}")
+
+
+def img2img_sigmas(sigmas: torch.Tensor, strength: float) -> torch.Tensor:
+    """Img2ImgDiscretizationWrapper(strength): the max(int(strength * len), 1) smallest levels of the
+    descending `sigmas` (their final 0 counted: strength 0.3 of 10 steps keeps 3 levels, 2 steps)."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    keep = max(int(strength * len(sigmas)), 1)
+    return sigmas[len(sigmas) - keep:]
+
+
+def txt2noisy_sigmas(sigmas: torch.Tensor, strength: float, original_steps: int) -> torch.Tensor:
+    """Txt2NoisyDiscretizationWrapper(strength, original_steps): drop the max(min(int(strength * (steps + 1))
+    - 1, steps), 0) smallest levels, so the run stops at a noise level a second model (the refiner) starts
+    from."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    steps = original_steps + 1
+    prune = max(min(int(strength * steps) - 1, steps - 1), 0)
+    return sigmas[:len(sigmas) - prune]
+
+
 # -- grids: name -> (function, schedule names), the table a sampler's registry entry names ----------------
 
 class Grid(NamedTuple):
@@ -243,6 +323,7 @@ GRIDS: dict[str, Grid] = {
     "ddpm": Grid(ddpm_sigma_list, ("uniform", "quad")),  # ddpm.py p_sample_loop, subsampled
     "dpm_solver": Grid(_dpm_solver_grid, ("uniform", "quad")),  # Stability dpm_solver, also UniPC
     "k": Grid(k_sigma_list, K_SCHEDULES),  # k-diffusion get_sigmas / get_sigmas_karras / _exponential
+    "sgm": Grid(sgm_sigma_list, SGM_SCHEDULES),  # generative-models LegacyDDPM / EDM discretizations
 }
 
 

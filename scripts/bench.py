@@ -1,7 +1,8 @@
 """Speed and memory of ldm against diffusers: the same random full-size weights, one process, alternating.
 
     .venv-ref/bin/python scripts/bench.py --device cpu --size 256 --json bench-cpu.json
-    .venv-ref/bin/python scripts/bench.py --device cuda --matrix          # 512 px v1 and 768 px v2, fp16/bf16
+    .venv-ref/bin/python scripts/bench.py --device cuda --matrix          # 512 px v1, 768 px v2, 1024 px SDXL
+    .venv-ref/bin/python scripts/bench.py --config configs/sgm/sd_xl_base.yaml --parts unet --model_channels 128
 
 diffusers and transformers are benchmark dependencies only (.venv-ref); ldm never imports them.
 
@@ -35,6 +36,13 @@ difference of the [0, 1] images). The unet and vae parts start with one untimed 
 Roofline (with the unet part): the UNet's FLOPs per CFG step (counted, see unet_step_flops), the device's
 dense matmul peak in the bench dtype measured in the same run, and the fraction of that peak each variant's
 UNet step reaches.
+
+SDXL (an sgm config, configs/sgm/sd_xl_base.yaml): the unet, vae and profile parts on the UNet and VAE alone
+(the text towers are not built). diffusers' UNet2DConditionModel comes from the same original-layout weights
+through the same converter (it reads sgm's network_config); its SDXL conditioning is the pooled text embedding
+plus six size numbers (added_cond_kwargs text_embeds / time_ids), from which it builds the `y` vector ldm's UNet
+takes (pooled + timestep_embedding(each number, 256)), so both get the same inputs. `--model_channels N` builds
+the same structure narrower (context 2048, the vector 2816, per-level depth 1, 2, 10 kept), for the CPU.
 """
 
 from __future__ import annotations
@@ -60,15 +68,19 @@ sys.path.insert(0, str(ROOT))
 
 from ldm import fast, pipeline, tiling  # noqa: E402
 from ldm.config import CLIPTextConfig, load_config  # noqa: E402
+from ldm.config_sgm import DiffusionEngineConfig  # noqa: E402
+from ldm.loader import build_model  # noqa: E402
 from ldm.models.attention import set_attention_backend  # noqa: E402
-from ldm.models.latent_diffusion import build_model  # noqa: E402
 from ldm.models.tokenizer import tokenize  # noqa: E402
+from ldm.models.unet import timestep_embedding  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"
 MATRIX = [("configs/stable-diffusion/v1-inference.yaml", 512, "float16"),
           ("configs/stable-diffusion/v1-inference.yaml", 512, "bfloat16"),
           ("configs/stable-diffusion/v2-inference-v.yaml", 768, "float16"),
-          ("configs/stable-diffusion/v2-inference-v.yaml", 768, "bfloat16")]
+          ("configs/stable-diffusion/v2-inference-v.yaml", 768, "bfloat16"),
+          ("configs/sgm/sd_xl_base.yaml", 1024, "float16"),
+          ("configs/sgm/sd_xl_base.yaml", 1024, "bfloat16")]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -110,11 +122,74 @@ def adopt(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.M
 # ------------------------------------------------------------------------------------------------ models
 
 
+class SDXLParts(torch.nn.Module):
+    """The UNet and VAE of an sgm model under their checkpoint paths (model.diffusion_model.*,
+    first_stage_model.*), without the text towers, which the unet and vae parts do not run."""
+
+    def __init__(self, cfg: DiffusionEngineConfig):
+        super().__init__()
+        model = build_model(cfg, device="meta")
+        self.model, self.first_stage_model = model.model, model.first_stage_model
+        self.scale_factor = cfg.scale_factor
+
+    @property
+    def unet(self):
+        return self.model.diffusion_model
+
+    @property
+    def vae(self):
+        return self.first_stage_model
+
+    def networks(self) -> dict:
+        return {"unet": self.unet, "vae": self.vae}
+
+
+def is_sgm(cfg) -> bool:
+    return isinstance(cfg, DiffusionEngineConfig)
+
+
+def bench_model(cfg) -> torch.nn.Module:
+    """What the benchmark builds on the meta device: the whole model, or an SDXL model's UNet and VAE."""
+    if is_sgm(cfg):
+        with torch.device("meta"):
+            return SDXLParts(cfg)
+    return build_model(cfg, device="meta")
+
+
+def narrower(cfg, original_config: dict, model_channels: int | None):
+    """An sgm config (and its yaml data) with another UNet width; the rest of the structure is kept."""
+    if model_channels is None:
+        return cfg, original_config
+    import copy
+    import dataclasses
+
+    unet = dataclasses.replace(cfg.unet, model_channels=model_channels)
+    data = copy.deepcopy(original_config)
+    data["model"]["params"]["network_config"]["params"]["model_channels"] = model_channels
+    return dataclasses.replace(cfg, unet=unet), data
+
+
+def sdxl_inputs(cfg, batch: int, g: torch.Generator) -> dict:
+    """An SDXL step's extra inputs: diffusers' (pooled text embedding, six size numbers) and ldm's `y` built
+    from them as sgm's conditioner does (pooled, then timestep_embedding(v, 256) of each number)."""
+    adm = cfg.unet.adm_in_channels
+    pooled = torch.randn(batch, adm - 6 * 256, generator=g)
+    time_ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]]).repeat(batch, 1)
+    y = torch.cat([pooled, timestep_embedding(time_ids.flatten(), 256).reshape(batch, -1)], dim=1)
+    return {"pooled": pooled, "time_ids": time_ids, "y": y}
+
+
 def ldm_variant(cfg, ckpt: dict, spec: str, device: torch.device) -> torch.nn.Module:
-    """A LatentDiffusion on the shared tensors, with the opt-in fast paths named in `spec`
-    ("ldm", "ldm+prepack", "ldm+channels_last+sliced", ...)."""
-    model = adopt(build_model(cfg, device="meta"), ckpt)
+    """A LatentDiffusion (SDXL: its UNet and VAE) on the shared tensors, with the opt-in fast paths named in
+    `spec` ("ldm", "ldm+prepack", "ldm+channels_last+sliced", ...)."""
+    model = adopt(bench_model(cfg), ckpt)
+    if is_sgm(cfg):
+        return apply_options(model, spec)
     model.alphas_cumprod = model.alphas_cumprod.to(device)
+    return apply_options(model, spec)
+
+
+def apply_options(model: torch.nn.Module, spec: str) -> torch.nn.Module:
     for option in spec.split("+")[1:]:
         if option == "prepack":
             fast.prepack(model)
@@ -289,12 +364,24 @@ def unet_calls(cfg, models, dmodels, device, dtype, h, seed: int) -> dict:
     """One CFG step's UNet forward per variant, on the same inputs: batch 2, h x h latents, 77-token context."""
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(2, cfg.unet.in_channels, h, h, generator=g).to(device, dtype)
-    context = torch.randn(2, 77, cfg.unet.context_dim, generator=g).to(device, dtype)
+    context = torch.randn(2, 77, context_width(cfg), generator=g).to(device, dtype)
     t = torch.full((2,), 801, device=device)
+    if is_sgm(cfg):  # SDXL: the vector conditioning, as each library takes it
+        extra = {k: v.to(device, dtype) for k, v in sdxl_inputs(cfg, 2, g).items()}
+        added = {"text_embeds": extra["pooled"], "time_ids": extra["time_ids"]}
+        calls = {name: (lambda m=m: m.unet(x, t, context, y=extra["y"])) for name, m in models.items()}
+        calls.update({name: (lambda d=d: d["unet"](x, t, encoder_hidden_states=context,
+                                                   added_cond_kwargs=added).sample) for name, d in dmodels.items()})
+        return calls
     calls = {name: (lambda m=m: m.unet(x, t, context)) for name, m in models.items()}
     calls.update({name: (lambda d=d: d["unet"](x, t, encoder_hidden_states=context).sample)
                   for name, d in dmodels.items()})
     return calls
+
+
+def context_width(cfg) -> int:
+    width = cfg.unet.context_dim
+    return width if isinstance(width, int) else width[0]
 
 
 def bench_unet(cfg, models, dmodels, args, device, dtype, meter, h):
@@ -444,12 +531,13 @@ def unet_step_flops(cfg, latent_side: int, batch: int = 2) -> int:
     counts 2). SD v1 at 64x64 latents (512 px): 1.607e12, the figure the speed issue quotes."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    unet = build_model(cfg, device="meta").unet
+    unet = bench_model(cfg).unet
     x = torch.empty(batch, cfg.unet.in_channels, latent_side, latent_side, device="meta")
     t = torch.zeros(batch, dtype=torch.long, device="meta")
-    context = torch.empty(batch, 77, cfg.unet.context_dim, device="meta")
+    context = torch.empty(batch, 77, context_width(cfg), device="meta")
+    y = torch.empty(batch, cfg.unet.adm_in_channels, device="meta") if is_sgm(cfg) else None
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        unet(x, t, context)
+        unet(x, t, context, y=y)
     return counter.get_total_flops()
 
 
@@ -531,17 +619,22 @@ def run_config(args, config_path: str, size: int, dtype_name: str) -> dict:
     cfg = load_config(ROOT / config_path)
     with open(ROOT / config_path) as f:
         original_config = yaml.safe_load(f)
+    if is_sgm(cfg):
+        cfg, original_config = narrower(cfg, original_config, args.model_channels)
+    elif args.model_channels is not None:
+        raise SystemExit("--model_channels applies to SDXL (sgm) configs")
     meter = Meter(device)
-    print(f"== {config_path} {size}x{size} {dtype_name} on {device}", flush=True)
+    print(f"== {config_path} {size}x{size} {dtype_name} on {device}"
+          + (f", model_channels {cfg.unet.model_channels}" if is_sgm(cfg) else ""), flush=True)
     t0 = time.time()
-    ckpt = random_checkpoint(build_model(cfg, device="meta").state_dict(), args.seed)
+    ckpt = random_checkpoint(bench_model(cfg).state_dict(), args.seed)
     ckpt = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in ckpt.items()}
     shared = {v.untyped_storage().data_ptr() for v in ckpt.values()}
     print(f"  random checkpoint: {sum(v.numel() for v in ckpt.values()) / 1e6:.0f}M values, "
           f"{time.time() - t0:.0f} s", flush=True)
 
     parts = args.parts
-    with_text = "e2e" in parts and not cfg.cond_stage.is_openclip
+    with_text = "e2e" in parts and not is_sgm(cfg) and not cfg.cond_stage.is_openclip
     if "e2e" in parts and not with_text:
         print("  e2e skipped: the diffusers side needs transformers' CLIP text model (v1 configs only)")
         parts = [p for p in parts if p != "e2e"]
@@ -552,6 +645,8 @@ def run_config(args, config_path: str, size: int, dtype_name: str) -> dict:
     if reference is None:
         parts = [p for p in parts if p in ("tiling", "profile")]  # nothing to compare the timings with
     result = {"config": config_path, "size": size, "dtype": dtype_name, "parity": {}, "rows": []}
+    if is_sgm(cfg):
+        result["model_channels"] = cfg.unet.model_channels
     benches = {"unet": (bench_unet, size // 8), "vae": (bench_vae, size // 8), "e2e": (bench_e2e, size)}
     for part in [p for p in parts if p in benches]:
         fn, arg = benches[part]
@@ -645,6 +740,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tiling-budget-mb", type=float, default=None,
                    help="decode the --tiling-large sizes plain AND tiled under this memory budget (MB above what "
                         "the process holds): which one fits")
+    p.add_argument("--model_channels", type=int, default=None,
+                   help="SDXL configs: a narrower UNet of the same structure (e.g. 128 for the CPU; default: full)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here")

@@ -9,6 +9,13 @@ model_ema.<param> as EMA-only releases do, ~4.3 GB), then loads it in a FRESH su
 - peak RSS (VmHWM) against the bytes of the weights the model actually holds (ratio; goal <= 1.3, ideally
   1.1), also with the interpreter + torch baseline subtracted.
 
+SDXL: `--manifest` takes the keys and shapes of a released file (tests/fixtures/manifests/), e.g. the SDXL base
+as sd_xl_base_1.0.safetensors holds it (fp16, 6.9 GB, with `denoiser.sigmas` and CLIP's position_ids):
+
+    .venv/bin/python scripts/bench_load.py --config configs/sgm/sd_xl_base.yaml \
+        --manifest tests/fixtures/manifests/sd_xl_base_1.0.keys.json --path /tmp/sdxl.safetensors \
+        --file-dtype float16 --dtype float16
+
 Not part of the test suite. Heavy: run it once, not in a loop. Example:
     .venv/bin/python scripts/bench_load.py                 # temp dir, deleted afterwards
     .venv/bin/python scripts/bench_load.py --path /tmp/sd-v1-synthetic.ckpt --keep
@@ -47,26 +54,53 @@ def _io_read_bytes() -> int:
     return -1
 
 
-def write_checkpoint(config: Path, path: Path, layout: str, file_dtype: str) -> dict:
-    """A random checkpoint with the original keys/shapes (those of test_manifests.py). Cheap to make: every
-    tensor is its own storage over a window of ONE 160 MB random block (torch.save writes each storage
-    separately), so the writer never holds more than that block however large the file."""
+def write_safetensors(state: dict, path: Path) -> None:
+    """The safetensors format written tensor by tensor (safetensors' save_file first builds the whole file in
+    memory): an 8-byte little-endian header size, the JSON header (dtype, shape, byte offsets), the bytes."""
+    import struct
+
+    import torch
+
+    names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64"}
+    codes = {v: k for k, v in names.items()}
+    header, offset = {}, 0
+    for key, t in state.items():
+        size = t.numel() * t.element_size()
+        header[key] = {"dtype": codes[str(t.dtype).removeprefix("torch.")], "shape": list(t.shape),
+                       "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for t in state.values():
+            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def write_checkpoint(config: Path, path: Path, layout: str, file_dtype: str, manifest: Path | None = None) -> dict:
+    """A random checkpoint with the original keys/shapes (those of test_manifests.py, or of `manifest`). Cheap
+    to make: every tensor is its own storage over a window of ONE 160 MB random block (torch.save writes each
+    storage separately), so the writer never holds more than that block however large the file."""
     import numpy as np
     import torch
 
     from ldm.config import load_config
-    from ldm.loader import UNET, ema_key
-    from ldm.models.latent_diffusion import build_model
-    from ldm.schedules import ddpm_buffers, make_beta_schedule
+    from ldm.config_sgm import DiffusionEngineConfig
+    from ldm.loader import UNET, build_model, ema_key
+    from ldm.schedules import ddpm_buffers, make_beta_schedule, sgm_alphas_cumprod, sgm_sigmas
 
     cfg = load_config(config)
-    model = build_model(cfg, device="meta")
+    sgm = isinstance(cfg, DiffusionEngineConfig)
     dtype = getattr(torch, file_dtype)
-    shapes = {key: tuple(t.shape) for key, t in model.state_dict().items()}
-    parameters = {name for name, _ in model.named_parameters()}
-    if layout == "full":
-        shapes.update({ema_key(k): s for k, s in list(shapes.items()) if k.startswith(UNET) and k in parameters})
-    if not cfg.cond_stage.is_openclip and not any(k.endswith("position_ids") for k in shapes):
+    if manifest is not None:  # a released file's keys and shapes
+        shapes = {key: tuple(shape) for key, shape in json.loads(Path(manifest).read_text()).items()}
+    else:
+        model = build_model(cfg, device="meta")
+        shapes = {key: tuple(t.shape) for key, t in model.state_dict().items()}
+        parameters = {name for name, _ in model.named_parameters()}
+        if layout == "full":
+            shapes.update({ema_key(k): s for k, s in list(shapes.items()) if k.startswith(UNET) and k in parameters})
+    if not sgm and not cfg.cond_stage.is_openclip and not any(k.endswith("position_ids") for k in shapes):
         positions = cfg.cond_stage.text_config.max_position_embeddings
         shapes["cond_stage_model.transformer.text_model.embeddings.position_ids"] = (1, positions)
 
@@ -78,20 +112,22 @@ def write_checkpoint(config: Path, path: Path, layout: str, file_dtype: str) -> 
         if key.endswith("position_ids"):
             state[key] = torch.arange(shape[-1], dtype=torch.int64).reshape(shape)
             continue
+        if key == "denoiser.sigmas":  # the loader compares it with the config's table
+            state[key] = sgm_sigmas(sgm_alphas_cumprod()).to(dtype)
+            continue
         numel = int(np.prod(shape))
         start = (start + 4099) % (largest + 4096 - numel + 1)  # a different window for every tensor
         tensor = torch.frombuffer(block_bytes, dtype=dtype, count=numel, offset=start * dtype.itemsize)
         state[key] = tensor.reshape(shape)
-    betas = make_beta_schedule(cfg.timesteps, cfg.linear_start, cfg.linear_end)
-    state.update({k: v.to(dtype) for k, v in ddpm_buffers(betas, cfg.v_posterior).items()})
-    state["model_ema.decay"] = torch.tensor(0.9999, dtype=torch.float32)
-    state["model_ema.num_updates"] = torch.tensor(0, dtype=torch.int32)
+    if not sgm:
+        betas = make_beta_schedule(cfg.timesteps, cfg.linear_start, cfg.linear_end)
+        state.update({k: v.to(dtype) for k, v in ddpm_buffers(betas, cfg.v_posterior).items()})
+        state["model_ema.decay"] = torch.tensor(0.9999, dtype=torch.float32)
+        state["model_ema.num_updates"] = torch.tensor(0, dtype=torch.int32)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        save_file(state, str(path))  # copies into one buffer: needs the file size in memory
+        write_safetensors(state, path)
     else:
         torch.save({"state_dict": state, "global_step": 0, "epoch": 0}, path)
     return {"file_bytes": path.stat().st_size, "file_keys": len(state)}
@@ -140,6 +176,8 @@ def main() -> None:
     parser.add_argument("--config", default=str(ROOT / "configs/stable-diffusion/v1-inference.yaml"))
     parser.add_argument("--path", help="checkpoint to write (.ckpt or .safetensors); default: a temp dir")
     parser.add_argument("--layout", choices=["full", "pruned"], default="full")
+    parser.add_argument("--manifest", default=None, help="keys and shapes of a released file (SDXL: "
+                        "tests/fixtures/manifests/sd_xl_base_1.0.keys.json) instead of the config's model")
     parser.add_argument("--file-dtype", choices=DTYPES, default="float32")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype to load as")
     parser.add_argument("--no-ema", action="store_true")
@@ -159,7 +197,8 @@ def main() -> None:
                   "dtype": args.dtype, "ema": not args.no_ema, "path": str(path)}
         if not (args.reuse and path.exists()):
             start = time.perf_counter()
-            result.update(write_checkpoint(Path(args.config), path, args.layout, args.file_dtype))
+            result.update(write_checkpoint(Path(args.config), path, args.layout, args.file_dtype,
+                                           args.manifest))
             result["write_s"] = time.perf_counter() - start
         else:
             result["file_bytes"] = path.stat().st_size

@@ -4,6 +4,7 @@ running the benchmark itself)."""
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
 import torch
@@ -26,6 +27,24 @@ def test_unet_flops_of_sd_v1_at_512_px():
     # the convolutions and projections scale with the area; attention with its square: between 4x and 16x
     ratio = bench.unet_step_flops(cfg, 64) / bench.unet_step_flops(cfg, 32)
     assert 4 < ratio < 16
+
+
+def test_unet_flops_of_sdxl_base_at_1024_px():
+    # Source: issue 14 (SDXL) quotes 13.5 TFLOP for one guided step of the SDXL base UNet at 1024 px (batch 2,
+    # 77-token context of width 2048, the 2816-wide vector); 3 significant figures as quoted.
+    cfg = load_config(ROOT / "configs/sgm/sd_xl_base.yaml")
+    assert round(bench.unet_step_flops(cfg, 128) / 1e12, 1) == 13.5
+
+
+def test_sdxl_inputs_are_the_conditioners_vector():
+    # diffusers takes (text_embeds, time_ids) and embeds the six numbers itself; ldm's UNet takes sgm's vector:
+    # the pooled embedding, then timestep_embedding(v, 256) ([cos, sin]) of each number
+    cfg = load_config(ROOT / "configs/sgm/sd_xl_base.yaml")
+    inputs = bench.sdxl_inputs(cfg, 2, torch.Generator().manual_seed(0))
+    assert inputs["y"].shape == (2, 2816) and torch.equal(inputs["y"][:, :1280], inputs["pooled"])
+    # sgm util.py timestep_embedding's expression (its own op order), for the first number (1024)
+    freqs = torch.exp(-math.log(10000) * torch.arange(start=0, end=128, dtype=torch.float32) / 128)
+    assert torch.equal(inputs["y"][0, 1280:1280 + 128], torch.cos(torch.tensor([1024.0])[:, None] * freqs[None])[0])
 
 
 def test_seam_ratio_sees_hard_seams_not_smooth_differences():

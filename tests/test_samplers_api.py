@@ -267,7 +267,8 @@ def test_noise_comes_from_the_generator_only(sampler):
 def test_registry_names():
     assert set(samplers.SAMPLERS) == {"ddpm", "ddim", "plms", "dpm_solver", "unipc", "euler", "euler_a", "heun",
                                       "dpm2", "dpm2_a", "lms", "dpmpp_2s_a", "dpmpp_2m", "dpmpp_sde",
-                                      "dpmpp_2m_sde", "dpmpp_3m_sde"}
+                                      "dpmpp_2m_sde", "dpmpp_3m_sde", "sgm_euler", "sgm_heun", "sgm_euler_a",
+                                      "sgm_dpmpp_2s_a", "sgm_dpmpp_2m", "sgm_lms"}
 
 
 def test_sampler_options_are_checked():

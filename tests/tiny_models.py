@@ -28,7 +28,10 @@ import numpy as np
 import torch
 
 from ldm.config import LatentDiffusionConfig, load_config
-from ldm.models.latent_diffusion import LatentDiffusion, build_model
+from ldm.config_sgm import DiffusionEngineConfig
+from ldm.loader import build_model
+from ldm.models.latent_diffusion import LatentDiffusion
+from ldm.schedules import sgm_alphas_cumprod, sgm_sigmas
 
 SCHEDULE_KEYS = (
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
@@ -37,6 +40,7 @@ SCHEDULE_KEYS = (
 )
 CONFIG_DIR = Path(__file__).parent / "configs"
 TINY_CONFIGS = ("tiny-v1", "tiny-v1-inpainting", "tiny-v2", "tiny-v2-v")
+TINY_SGM_CONFIGS = ("tiny-sdxl-base", "tiny-sdxl-refiner")
 
 
 def tiny_config_path(name: str) -> Path:
@@ -98,7 +102,11 @@ def schedule_buffers(cfg: LatentDiffusionConfig) -> dict[str, torch.Tensor]:
     return {k: torch.tensor(values[k], dtype=torch.float32) for k in SCHEDULE_KEYS}
 
 
-def _text_extras(cfg: LatentDiffusionConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def _text_extras(cfg) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    if isinstance(cfg, DiffusionEngineConfig):  # sgm: transformers' CLIP keeps position_ids (sd_xl_base_1.0)
+        return {f"conditioner.embedders.{i}.transformer.text_model.embeddings.position_ids":
+                ((1, e.params.text_config.max_position_embeddings), torch.int64)
+                for i, e in enumerate(cfg.conditioner) if e.target.endswith(".FrozenCLIPEmbedder")}
     text = cfg.cond_stage
     if text.is_openclip:
         return {
@@ -109,7 +117,7 @@ def _text_extras(cfg: LatentDiffusionConfig) -> dict[str, tuple[tuple[int, ...],
     return {"cond_stage_model.transformer.text_model.embeddings.position_ids": ((1, positions), torch.int64)}
 
 
-def model_state_dict(cfg: LatentDiffusionConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+def model_state_dict(cfg: LatentDiffusionConfig | DiffusionEngineConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random values for exactly the keys of `build_model(cfg).state_dict()` (what `tiny_model` loads)."""
     shapes = build_model(cfg, device="meta").state_dict()
     state = {}
@@ -125,9 +133,17 @@ def model_state_dict(cfg: LatentDiffusionConfig, seed: int = 0) -> dict[str, tor
 
 
 def tiny_state_dict(config_path: str | os.PathLike, seed: int = 0, ema: bool = True) -> dict[str, torch.Tensor]:
-    """The full original-layout state dict of a random checkpoint for `config_path` (float32)."""
+    """The full original-layout state dict of a random checkpoint for `config_path` (float32). An sgm config
+    gets what the SDXL releases hold (no EMA, no schedule buffers, `denoiser.sigmas`); `ema` does not apply."""
     cfg = load_config(config_path)
     state = model_state_dict(cfg, seed)
+    if isinstance(cfg, DiffusionEngineConfig):
+        state.update({k: torch.arange(shape[-1], dtype=dtype).reshape(shape)
+                      for k, (shape, dtype) in _text_extras(cfg).items()})
+        disc = cfg.denoiser.discretization_config
+        state["denoiser.sigmas"] = sgm_sigmas(sgm_alphas_cumprod(disc.linear_start, disc.linear_end,
+                                                                 disc.num_timesteps))
+        return state
     for key, (shape, dtype) in _text_extras(cfg).items():
         if key in state:
             continue
@@ -168,8 +184,8 @@ def make_tiny_checkpoint(config_path: str | os.PathLike, out_path: str | os.Path
 
 
 def tiny_model(config_path: str | os.PathLike, seed: int = 0) -> LatentDiffusion:
-    """A CPU float32 LatentDiffusion with the raw (non-EMA) weights `make_tiny_checkpoint` would write,
-    loaded directly (strict) without going through ldm.loader."""
+    """A CPU float32 LatentDiffusion (or sgm DiffusionEngine) with the raw (non-EMA) weights
+    `make_tiny_checkpoint` would write, loaded directly (strict) without going through ldm.loader."""
     cfg = load_config(config_path)
     model = build_model(cfg, device="meta")  # no random init: every tensor comes from the state dict
     model.load_state_dict(model_state_dict(cfg, seed), strict=True, assign=True)

@@ -76,6 +76,13 @@ def prepare(opts: argparse.Namespace, model, prompts: list[str]):
     file against the loaded model; CLIError for a file that does not fit it."""
     from ldm import lora, pipeline
 
+    if not hasattr(model, "cond_stage_model"):  # SDXL (ldm/models/sgm.py): A1111's rules are for SD 1.x / 2.x
+        used = [flag for flag, on in (("--lora", opts.lora), ("--embedding", opts.embedding),
+                                      ("--prompt_syntax a1111", opts.prompt_syntax != "plain"),
+                                      ("--clip_skip", opts.clip_skip != 1)) if on]
+        if used:
+            raise CLIError(f"{used[0]} applies to SD 1.x / 2.x models (A1111's rules), not to {opts.config}")
+        return None
     encoder = model.cond_stage_model
     if opts.clip_skip > 1:
         if encoder.convention == "open_clip":

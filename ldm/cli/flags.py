@@ -31,6 +31,19 @@ class CLIError(Exception):
     """Bad input: reported as one line on stderr, no traceback."""
 
 
+class FamilyDefault:
+    """Marks a flag's default (the original scripts') that another model family replaces when the flag is not
+    given (SDXL: --H/--W 1024, --scale 5.0; ldm/cli/sdxl.py). It behaves as the value it holds."""
+
+
+class DefaultInt(int, FamilyDefault):
+    pass
+
+
+class DefaultFloat(float, FamilyDefault):
+    pass
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line instead of usage + message
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -65,7 +78,8 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     p.add_argument("--skip_save", action="store_true", help="do not save individual samples")
     p.add_argument("--ddim_steps", "--steps", dest="ddim_steps", type=int, default=50,
                    help="number of sampling steps (for every sampler)")
-    p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None, help="sampler (default: ddim)")
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None,
+                   help="sampler (default: ddim; SDXL configs: euler, mapped onto generative-models' samplers)")
     p.add_argument("--schedule", choices=SCHEDULES, default="uniform",
                    help="spacing of the steps (default: uniform, as the originals); karras and exponential "
                         "for the k-samplers, quad for ddim/plms/dpm_solver/unipc")
@@ -82,17 +96,19 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     p.add_argument("--n_iter", type=int, default=1 if img2img else 2, help="sample this often")
     if not inpaint:  # inpainting keeps the init image's size and the model's latent shape
         size_help = " (default: the init image's, rounded down to a multiple of 32)" if img2img else ""
-        p.add_argument("--H", type=int, default=None if img2img else 512,
-                       help="image height, in pixel space" + size_help)
-        p.add_argument("--W", type=int, default=None if img2img else 512,
-                       help="image width, in pixel space" + size_help)
+        size_help = size_help or " (default 512; SDXL configs: 1024)"
+        size = None if img2img else DefaultInt(512)
+        p.add_argument("--H", type=int, default=size, help="image height, in pixel space" + size_help)
+        p.add_argument("--W", type=int, default=size, help="image width, in pixel space" + size_help)
         p.add_argument("--C", type=int, default=4, help="latent channels")
         p.add_argument("--f", type=int, default=8, help="downsampling factor")
     p.add_argument("--n_samples", type=int, default=1 if inpaint else 2 if img2img else 3,
                    help="how many samples to produce for each given prompt. A.k.a. batch size")
     p.add_argument("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
-    p.add_argument("--scale", type=float, default=5.0 if mode == "img2img" else 7.5,
-                   help="unconditional guidance scale: eps = eps(x, uncond) + scale * (eps(x, cond) - eps(x, uncond))")
+    scale = 5.0 if mode == "img2img" else 7.5
+    p.add_argument("--scale", type=float, default=DefaultFloat(scale),
+                   help="unconditional guidance scale: eps = eps(x, uncond) + scale * (eps(x, cond) - eps(x, uncond)) "
+                        f"(default {scale}; SDXL configs: 5.0)")
     if img2img:
         p.add_argument("--strength", type=float, default=1.0 if inpaint else 0.75,
                        help="strength for noising/unnoising. 1.0 corresponds to full destruction of the init image"
@@ -115,6 +131,10 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
 
     add_text_flags(p)
     add_control_flags(p)
+    if not inpaint:
+        from ldm.cli import sdxl  # imports CLIError from here
+
+        sdxl.add_flags(p, img2img)
     return p
 
 

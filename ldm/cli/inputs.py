@@ -14,7 +14,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ldm import fast, samplers, schedules
-from ldm.cli import limits
+from ldm.cli import limits, sdxl
 from ldm.cli.flags import DEFAULT_TILE_OVERLAP, DPM_SOLVER, PRECISIONS, CLIError
 from ldm.samplers import SAMPLERS
 
@@ -36,11 +36,18 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def sampler_name(opts: argparse.Namespace) -> str:
-    """--sampler, or the originals' flags (--dpm_solver wins over --plms, as in txt2img.py)."""
+    """--sampler, or the originals' flags (--dpm_solver wins over --plms, as in txt2img.py); for an SDXL config
+    the registry name of generative-models' sampler (ldm.samplers.resolve)."""
     legacy = DPM_SOLVER if opts.dpm_solver else "plms" if opts.plms else None
     if opts.sampler is not None and legacy is not None and opts.sampler != legacy:
         raise CLIError(f"--sampler {opts.sampler} contradicts --{'dpm_solver' if opts.dpm_solver else 'plms'}")
-    name = opts.sampler or legacy or "ddim"
+    sgm = getattr(opts, "sgm", False)
+    name = opts.sampler or legacy or ("euler" if sgm else "ddim")
+    if sgm:
+        try:
+            name = samplers.resolve(name, "sgm")
+        except ValueError as e:
+            raise CLIError(str(e)) from None
     if name not in SAMPLERS:
         raise CLIError(f"unknown sampler {name!r}; valid: {', '.join(sorted(SAMPLERS))}")
     return name
@@ -58,6 +65,13 @@ def validate(opts: argparse.Namespace, mode: str) -> None:
     if getattr(opts, "laion400m", False):
         raise CLIError("--laion400m selects the LDM-KL-8 BERT model, which ldm does not implement "
                        "(give an SD v1/v2 --config and --ckpt instead)")
+    if mode == "inpaint":
+        cfg = sdxl.config_of(opts.config)
+        if cfg is not None and sdxl.is_sgm(cfg):
+            raise CLIError(f"{opts.config} is an SDXL (generative-models) config; inpaint.py runs SD 1.x / 2.x "
+                           "models (SDXL inpainting is not implemented)")
+    else:
+        sdxl.resolve(opts, mode)  # the config's family: defaults of --H/--W/--scale, the SDXL flags
     opts.sampler = sampler_name(opts)
     valid = SAMPLERS[opts.sampler].valid_schedules
     if opts.schedule not in valid:
@@ -248,7 +262,8 @@ def check_run(opts: argparse.Namespace, model) -> None:
 def warn_long_prompts(model, prompts: list[str]) -> None:
     """CLIP reads at most 77 tokens (start, 75 BPE ids, end); the original drops the rest silently."""
     prompts = list(dict.fromkeys(prompts))
-    tokens = model.cond_stage_model.tokenize(prompts)
+    tokenize = getattr(model, "tokenize", None) or model.cond_stage_model.tokenize  # SDXL: its first text embedder
+    tokens = tokenize(prompts)
     context = tokens.ids.shape[1]
     for prompt, truncated, dropped in zip(prompts, tokens.truncated, tokens.dropped):
         if truncated:  # one bounded line, whatever the prompt's length

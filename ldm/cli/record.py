@@ -39,6 +39,14 @@ TEXT_FIELDS = (
     ("Lora dir", "lora_dir", str), ("Embeddings", "embedding", list),
 )
 TEXT_DEFAULTS = {"prompt_syntax": "plain", "clip_skip": 1, "lora": [], "lora_dir": None, "embedding": []}
+# (infotext key, option name, type) of an SDXL run's conditioning and refiner (ldm/cli/sdxl.py): written when the
+# option has a value (SDXL configs resolve them; other configs leave them None), read back when present.
+SGM_FIELDS = (
+    ("Original height", "orig_height", int), ("Original width", "orig_width", int), ("Crop top", "crop_top", int),
+    ("Crop left", "crop_left", int), ("Target height", "target_height", int), ("Target width", "target_width", int),
+    ("Aesthetic score", "aesthetic_score", float), ("Negative aesthetic score", "negative_aesthetic_score", float),
+    ("Refiner strength", "refiner_strength", float), ("Refiner steps", "refiner_steps", int),
+)
 
 
 def infotext(options: dict, prompt: str, batch: int, pos: int, hashes: dict[str, str]) -> str:
@@ -62,6 +70,9 @@ def infotext(options: dict, prompt: str, batch: int, pos: int, hashes: dict[str,
         value = options.get(name, TEXT_DEFAULTS[name])
         if value != TEXT_DEFAULTS[name]:
             fields[key] = json.dumps(value, ensure_ascii=False) if kind is list else str(value)
+    for key, name, kind in SGM_FIELDS:
+        if options.get(name) is not None:
+            fields[key] = repr(float(options[name])) if kind is float else str(options[name])
     fields.update(hashes)
     fields.update({"Batch number": str(batch), "Batch pos": str(pos), "Version": f"ldm {__version__}"})
     return png_info.format_parameters(fields)
@@ -90,7 +101,7 @@ def options_from_infotext(fields: dict[str, str], names) -> tuple[dict, int, int
                 continue
             # "EMA: True/False" is recorded for the option --no-ema
             options[name] = not _read(bool, fields[key]) if name == "no_ema" else _read(kind, fields[key])
-        for key, name, kind in FAST_FIELDS + TEXT_FIELDS:
+        for key, name, kind in FAST_FIELDS + TEXT_FIELDS + SGM_FIELDS:
             if key in fields:
                 options[name] = _read(kind, fields[key])
         key = "Size"

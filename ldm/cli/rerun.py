@@ -42,6 +42,9 @@ def build_parser_rerun() -> argparse.ArgumentParser:
                    help="the embedding files the image records, in its order (the hashes must match)")
     p.add_argument("--lora_dir", type=str, default=None, help="where the image's <lora:NAME> prompt tags find "
                    "their files (the hashes must match)")
+    p.add_argument("--refiner_config", type=str, default=None, help="config of the SDXL refiner an image was made with")
+    p.add_argument("--refiner_ckpt", type=str, default=None,
+                   help="where the refiner is now (an image made with a refiner; its hash must match)")
     p.add_argument("--outdir", type=str, default="outputs/rerun-samples", help="dir to write the result to")
     for flag, what in (("--control", "ControlNet files"), ("--control_config", "ControlNet configs"),
                        ("--control_image", "control images")):
@@ -121,6 +124,11 @@ def rerun(args: argparse.Namespace) -> None:
     opts.n_iter, opts.from_file = batch + 1, None  # replay the run up to the image's batch
     for name in ("config", "ckpt", "vae", "device", "outdir"):  # where to find things now, not what they were
         setattr(opts, name, getattr(args, name))
+    if ("Refiner hash" in fields) != (args.refiner_ckpt is not None):
+        raise CLIError(f"the image was made with the refiner {_short(fields.get('Refiner', '?'))}: give --refiner_config and "
+                       "--refiner_ckpt" if "Refiner hash" in fields else "the image was made without a refiner")
+    if args.refiner_ckpt is not None:
+        opts.refiner_config, opts.refiner_ckpt = args.refiner_config, args.refiner_ckpt
     if opts.prepack and inputs.resolve_device(opts.device).type != "cpu":
         opts.prepack = False  # a CPU-only path; elsewhere the plain kernels (rounding may differ anyway)
     for name, flag, field, given in (("init_img", "--init-img", "Init image", args.init_img),

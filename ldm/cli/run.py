@@ -19,7 +19,7 @@ import torch
 
 import ldm
 from ldm import fast, pipeline, png_info
-from ldm.cli import control, extras, inputs, limits, record
+from ldm.cli import control, extras, inputs, limits, record, sdxl
 from ldm.cli import inpaint as inpaint_cli
 from ldm.cli.flags import PRECISIONS, CLIError, build_parser
 from ldm.cli.interrupt import EXIT_INTERRUPTED, PROGRESS, deferred_interrupt
@@ -61,17 +61,24 @@ def generate(opts: argparse.Namespace, model, prompts: list[str], init_image=Non
     inpaint: `init_image` is (image, mask), ldm.inpaint.generate)."""
     if mode == "inpaint":
         return inpaint_cli.generate(opts, model, prompts, *init_image, autocast=autocast_dtype(opts))
+    refiner = getattr(opts, "refiner_model", None)
+    sgm = {}
+    if getattr(opts, "sgm", False):  # SDXL: the size / crop / score conditioning, the refiner (cli/sdxl.py)
+        sgm["value_dict"] = sdxl.value_dict(opts)
+        if refiner is not None:
+            sgm.update(handoff=opts.refiner_strength, second_stage=sdxl.second_stage(opts, refiner))
     return pipeline.generate(
         model, prompts, n_samples=opts.n_samples, latent_shape=(opts.C, opts.H // opts.f, opts.W // opts.f),
         seed=opts.seed, n_iter=opts.n_iter, fixed_code=opts.fixed_code, init_image=init_image,
         strength=getattr(opts, "strength", None), autocast=autocast_dtype(opts), sampler=opts.sampler,
         steps=opts.ddim_steps, schedule=opts.schedule, scale=opts.scale, eta=opts.ddim_eta,
         negative_prompt=opts.negative_prompt, text=opts.text, loras=opts.lora, lora_dir=opts.lora_dir,
-        controls=getattr(opts, "control_entries", None), guess_mode=getattr(opts, "guess_mode", False))
+        controls=getattr(opts, "control_entries", None), guess_mode=getattr(opts, "guess_mode", False), **sgm)
 
 
 def decode(opts: argparse.Namespace, model, latents: torch.Tensor) -> torch.Tensor:
-    """Images in [0, 1] on the CPU."""
+    """Images in [0, 1] on the CPU (decoded by the refiner when there is one)."""
+    model = getattr(opts, "refiner_model", None) or model
     dtype = autocast_dtype(opts)
     scope = torch.autocast(opts.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     with torch.no_grad(), scope:
@@ -87,6 +94,9 @@ def file_hashes(opts: argparse.Namespace, mode: str) -> dict[str, str]:
     if mode == "inpaint":
         hashes.update(inpaint_cli.file_hashes(opts))
     hashes.update(control.fields(opts))
+    if getattr(opts, "refiner_ckpt", None) is not None:
+        hashes.update({"Refiner": os.path.splitext(os.path.basename(opts.refiner_ckpt))[0],
+                       "Refiner hash": png_info.file_hash(opts.refiner_ckpt)})
     return hashes
 
 
@@ -106,7 +116,8 @@ def prepare(opts: argparse.Namespace, mode: str, before_load=None):
         before_load()
     init_image = None
     if mode == "img2img":
-        init_image = inputs.load_init_image(opts.init_img, opts.W, opts.H)
+        read = sdxl.load_init_image if opts.sgm else inputs.load_init_image  # SDXL: the demo's load_img
+        init_image = read(opts.init_img, opts.W, opts.H)
         opts.H, opts.W = init_image.shape[2:]
     if mode == "inpaint":
         if control.uses_controlnet(opts):
@@ -114,6 +125,8 @@ def prepare(opts: argparse.Namespace, mode: str, before_load=None):
         init_image = inpaint_cli.read_inputs(opts)  # sets opts.H, opts.W: the init image's size
     if mode in ("img2img", "inpaint"):
         limits.check_sizes(opts, cfg, n_images)
+    if mode != "inpaint":
+        sdxl.resolve_sizes(opts)  # SDXL: the size conditioning defaults to the image's size
     hints = control.read_hints(opts)
     prompts = prompts or inputs.read_prompts(opts)
     model = load(opts, mode)
@@ -122,6 +135,9 @@ def prepare(opts: argparse.Namespace, mode: str, before_load=None):
         inpaint_cli.check_run(opts, model, init_image[1])
     else:
         inputs.check_run(opts, model)
+    if getattr(opts, "refiner_ckpt", None) is not None:
+        opts.refiner_model = sdxl.load_refiner(opts, model)
+        apply_speed_flags(opts, opts.refiner_model)
     opts.text = extras.prepare(opts, model, prompts)  # ldm.prompts.TextOptions, None for the original's
     if opts.prompt_syntax == "plain":  # the a1111 syntax reads long prompts in chunks of 75 tokens
         inputs.warn_long_prompts(model, prompts + [opts.negative_prompt])

@@ -41,10 +41,12 @@ from ldm.samplers.compvis import sample_ddim, sample_ddpm, sample_plms
 from ldm.samplers.k import (CHURN, sample_dpm_2, sample_dpm_2_ancestral, sample_dpmpp_2m, sample_dpmpp_2m_sde,
                             sample_dpmpp_2s_ancestral, sample_dpmpp_3m_sde, sample_dpmpp_sde, sample_euler,
                             sample_euler_ancestral, sample_heun, sample_lms)
+from ldm.samplers import sgm
 from ldm.samplers.unipc import sample_unipc
 
 STARTS = ("sigma", "vp")  # x = x_T * sigmas[0] (k-diffusion) | x_T * sqrt(1 + sigmas[0]^2) (VP x_T)
-ENCODINGS = ("ve", "vp", "ddim")  # img2img noising; see `_encode`
+ENCODINGS = ("ve", "vp", "ddim", "sgm")  # img2img noising; see `_encode`
+OUTPUTS = ("vp", "ve")  # what a run returns: the VP latent x / sqrt(1 + sigma_end^2) | x as the sampler leaves it
 
 
 @dataclass(frozen=True)
@@ -74,10 +76,13 @@ class SamplerSpec:
     noise_option: str | None = None
     stepwise: bool = False
     idle_draw: bool = False
+    output: str = "vp"
 
     def __post_init__(self):
-        if self.grid not in schedules.GRIDS or self.start not in STARTS or self.encode not in ENCODINGS:
-            raise ValueError(f"bad sampler spec: grid {self.grid!r}, start {self.start!r}, encode {self.encode!r}")
+        if (self.grid not in schedules.GRIDS or self.start not in STARTS or self.encode not in ENCODINGS
+                or self.output not in OUTPUTS):
+            raise ValueError(f"bad sampler spec: grid {self.grid!r}, start {self.start!r}, encode {self.encode!r}, "
+                             f"output {self.output!r}")
 
     @property
     def valid_schedules(self) -> tuple[str, ...]:
@@ -121,6 +126,36 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "dpmpp_2m_sde": SamplerSpec(sample_dpmpp_2m_sde, **_K, stochastic=True, options={"solver_type": "midpoint"}),
     "dpmpp_3m_sde": SamplerSpec(sample_dpmpp_3m_sde, **_K, stochastic=True),
 }
+# generative-models (sgm, SDXL): its demo's samplers on its discretizations. They start from x_T * sqrt(1 +
+# sigmas[0]^2), noise img2img as (z + noise * s0) / sqrt(1 + s0^2) then multiply back, and return x as they
+# leave it (a run stopped early for a refiner hands over its noisy VE latent). Their timing is the model's
+# denoiser's (DiscreteDenoiser: quantize_sigma), so the entries set none.
+_SGM = dict(grid="sgm", start="vp", encode="sgm", output="ve")
+SAMPLERS.update({
+    "sgm_euler": SamplerSpec(sgm.sample_euler_edm, **_SGM, options=dict(sgm.CHURN), noise_option="s_churn"),
+    "sgm_heun": SamplerSpec(sgm.sample_euler_edm, **_SGM, fixed={"heun": True}, options=dict(sgm.CHURN),
+                            noise_option="s_churn"),
+    "sgm_euler_a": SamplerSpec(sgm.sample_euler_ancestral, **_SGM, stochastic=True),
+    "sgm_dpmpp_2s_a": SamplerSpec(sgm.sample_dpmpp_2s_ancestral, **_SGM, stochastic=True),
+    "sgm_dpmpp_2m": SamplerSpec(sample_dpmpp_2m, **_SGM),  # DPMPP2MSampler: k-diffusion's, op for op
+    "sgm_lms": SamplerSpec(sgm.sample_lms, **_SGM),  # LinearMultistepSampler, order 4
+})
+# The command line's --sampler names for sgm models (the demo's sampler list); the rest are not sgm's.
+SGM_NAMES = {"euler": "sgm_euler", "heun": "sgm_heun", "euler_a": "sgm_euler_a", "dpmpp_2s_a": "sgm_dpmpp_2s_a",
+             "dpmpp_2m": "sgm_dpmpp_2m", "lms": "sgm_lms"}
+
+
+def resolve(sampler: str, family: str = "ldm") -> str:
+    """The registry name of a command-line sampler name for a model family: "sgm" (SDXL) maps the demo's
+    names (SGM_NAMES) onto generative-models' samplers and refuses the others; "ldm" takes names as they are."""
+    if family != "sgm":
+        return sampler
+    if sampler in SGM_NAMES.values():
+        return sampler
+    if sampler not in SGM_NAMES:
+        raise ValueError(f"sampler {sampler!r} is not one of generative-models' (SDXL); valid: "
+                         f"{', '.join(SGM_NAMES)}")
+    return SGM_NAMES[sampler]
 
 
 def get(sampler: str) -> SamplerSpec:
@@ -149,14 +184,23 @@ def resolve_options(spec: SamplerSpec, sampler: str, eta: float = 0.0, options: 
     return {**spec.fixed, **options}
 
 
-def _encode(spec, sigmas, x_T, init_latent, strength, steps, generator):
+def _encode(spec, sigmas, x_T, init_latent, strength, steps, generator, add_noise=True):
     """(x in VE space, the sigma list to run) of img2img, which runs the last t_enc = int(strength * steps)
     steps. encode "ddim": as CompVis scripts/img2img.py, stochastic_encode at DDIM index t_enc, i.e. VP
     noising to the level just ABOVE the first decoded step, then decode; "vp": VP noising to the first level
-    run; "ve": k-diffusion's x = init + noise * sigma."""
+    run; "ve": k-diffusion's x = init + noise * sigma; "sgm": the sgm demo's do_img2img, which keeps the
+    max(int(strength * (steps + 1)), 1) smallest levels (schedules.img2img_sigmas) and noises to the first as
+    (init + noise * s0) / sqrt(1 + s0^2), which the sampler multiplies back; without `add_noise` (its
+    apply_refiner, finishing another run's latent) the noise is drawn but x = init / sqrt(1 + s0^2)."""
     if strength is None or not 0.0 <= strength <= 1.0:
         raise ValueError(f"img2img needs a strength in [0, 1], got {strength}")
     noise = randn_like(init_latent, generator) if x_T is None else x_T
+    if spec.encode == "sgm":
+        tail = schedules.img2img_sigmas(sigmas, strength)
+        x = init_latent + noise * tail[0] if add_noise else init_latent
+        return _start(spec, tail, x / (1 + tail[0] ** 2).sqrt()), tail
+    if not add_noise:
+        raise ValueError(f"add_noise=False is sgm's (apply_refiner); encode {spec.encode!r} always noises")
     t_enc = int(strength * steps)
     tail = sigmas[len(sigmas) - 1 - min(t_enc, len(sigmas) - 1):]
     if spec.encode == "ve":
@@ -187,6 +231,7 @@ def _run_stepwise(spec, sampler, denoiser, x, sigmas, kwargs, extra_args, callba
 
 
 def _start(spec, sigmas, x_T):
+    # "vp" is also sgm's BaseDiffusionSampler.prepare_sampling_loop: x *= torch.sqrt(1.0 + sigmas[0] ** 2.0)
     return x_T * (sigmas[0] if spec.start == "sigma" else (1 + sigmas[0] ** 2).sqrt())
 
 
@@ -209,8 +254,10 @@ def sample(denoiser, x_T: torch.Tensor | None, *, sampler: str = "ddim", steps: 
            schedule: str = "uniform", eta: float = 0.0, options: dict | None = None,
            generator: torch.Generator | None = None, init_latent: torch.Tensor | None = None,
            strength: float | None = None, callback: Callable | None = None, disable: bool = False,
-           extra_args: dict | None = None, before_step: Callable | None = None) -> torch.Tensor:
-    """Run `sampler` for `steps` and return the VP latent the original would decode.
+           extra_args: dict | None = None, before_step: Callable | None = None, handoff: float | None = None,
+           add_noise: bool = True) -> torch.Tensor:
+    """Run `sampler` for `steps` and return the VP latent the original would decode (the sgm samplers: x as
+    they leave it, the same when the run ends at 0).
 
     denoiser: a Denoiser / CFGDenoiser (needs .sigmas and .replace); extra_args go to it (cond, uncond, ...).
     x_T: N(0, I) of the latent shape; for img2img (init_latent + strength) it is the forward-noising noise,
@@ -219,12 +266,17 @@ def sample(denoiser, x_T: torch.Tensor | None, *, sampler: str = "ddim", steps: 
     (SAMPLERS[name].valid_schedules). eta: DDIM's eta (ddim only); options: the sampler's other options
     (SamplerSpec.options: churn for euler/heun/dpm2, solver_type for dpmpp_2m_sde). before_step(x, i, sigma):
     returns the VE x that step i (at level sigma) starts from; `stepwise` samplers only (see the module doc).
+    handoff: stop early and leave the last part to a second model (sgm's Txt2NoisyDiscretizationWrapper(handoff,
+    original_steps=steps), schedules.txt2noisy_sigmas); add_noise=False: sgm img2img of such a latent (see
+    `_encode`).
     """
     spec = get(sampler)
     kwargs = resolve_options(spec, sampler, eta, options)
     if x_T is None and init_latent is None:
         raise ValueError("x_T is needed unless init_latent is given")
     full = sigma_list(spec, denoiser.sigmas, steps, schedule)
+    if handoff is not None:
+        full = schedules.txt2noisy_sigmas(full, handoff, steps)
     denoiser = denoiser.replace(**spec.timing) if spec.timing else denoiser
     reference = init_latent if init_latent is not None else x_T
     full = full.to(reference.device)
@@ -233,7 +285,7 @@ def sample(denoiser, x_T: torch.Tensor | None, *, sampler: str = "ddim", steps: 
             raise ValueError("strength is given without an init_latent")
         x, sigmas = _start(spec, full, x_T), full
     else:
-        x, sigmas = _encode(spec, full, x_T, init_latent, strength, steps, generator)
+        x, sigmas = _encode(spec, full, x_T, init_latent, strength, steps, generator, add_noise)
     if spec.takes_generator:
         kwargs["generator"] = generator
     step_callback, bar = _progress(callback, len(sigmas) - 1, disable)
@@ -245,4 +297,4 @@ def sample(denoiser, x_T: torch.Tensor | None, *, sampler: str = "ddim", steps: 
     finally:
         if bar is not None:
             bar.close()
-    return x / (1 + sigmas[-1] ** 2).sqrt()
+    return x if spec.output == "ve" else x / (1 + sigmas[-1] ** 2).sqrt()
