@@ -6,7 +6,7 @@ conditional half of the guidance batch, for every image of the batch.
     from ldm import pipeline
     from ldm.attention_maps import AttentionRecorder
     with AttentionRecorder(model, tokens=range(1, 11)) as recorder:
-        images = pipeline.txt2img(model, prompts, H=512, W=512, callback=recorder.callback)
+        images = pipeline.txt2img(model, prompts, H=512, W=512)
     maps = recorder.maps()  # (B, tokens, H, W) float32
 
 How (ldm/hooks.py): an `observe` hook on each recorded attn2 reads the layer's inputs (the normed hidden
@@ -53,8 +53,8 @@ def probabilities(attn: CrossAttention, x: torch.Tensor, context: torch.Tensor) 
 
 
 class AttentionRecorder:
-    """Records DAAM maps of the attn2 layers `layers` (names; default all) at the sampler steps `steps`
-    (ldm.hooks step filter) for the context positions `tokens` (default all 77). `size`: the image size
+    """Records DAAM maps of the attn2 layers `layers` (names; default all) at the steps `steps` (UNet
+    evaluations of the run, ldm.hooks) for the context positions `tokens` (default all 77). `size`: the image size
     (H, W) the maps are upsampled to (default: the latent size times the VAE's downsampling factor)."""
 
     def __init__(self, model, *, layers: Sequence[str] | None = None, steps: StepFilter = None,
@@ -70,12 +70,8 @@ class AttentionRecorder:
         self._latent = None
         self.reset()
 
-    @property
-    def callback(self):
-        return self.hooks.callback
-
     def reset(self) -> None:
-        """Forget what was recorded, and start again at step 0 (for the next batch)."""
+        """Forget what was recorded, and start again at step 0 (for the next run)."""
         self.sums: dict[tuple[int, int], torch.Tensor] = {}
         self.calls = 0
         self.hooks.reset()

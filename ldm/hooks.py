@@ -4,25 +4,28 @@ checkpoint name, with a step filter.
     from ldm import hooks, pipeline
     with hooks.BlockHooks(model) as h:
         h.wrap("middle_block.1", lambda output, call: 1.5 * output, steps=range(0, 10))
-        images = pipeline.txt2img(model, prompt, sampler="ddim", steps=25, callback=h.callback)
+        images = pipeline.txt2img(model, prompt, sampler="ddim", steps=25)
 
 Names are the module paths under the UNet, which are the checkpoint keys without `model.diffusion_model.`
 (`input_blocks.4.1` is the SpatialTransformer of the fourth input block, `middle_block.1` the middle
 transformer, `output_blocks.5.1.transformer_blocks.0.attn2` one cross-attention); the full key works too.
 
-A hook function gets the block's output and a `Call`: the block's name, the sampler step, the UNet timesteps
-of this evaluation (B,), the module and its positional inputs. `wrap` hooks return the new output (None keeps
-it); `observe` hooks only read (their return value is ignored, so they cannot change an image). Hooks of one
-block run in the order they were added, each on the previous one's output.
+A hook function gets the block's output and a `Call`: the block's name, the step, the UNet timesteps of this
+evaluation (B,), the module and its positional inputs. `wrap` hooks return the new output (None keeps it);
+`observe` hooks only read (their return value is ignored, so they cannot change an image). Hooks of one block
+run in the order they were added, each on the previous one's output.
 
-The step: the sampler reports the end of step i through its callback (`h.callback`, k-diffusion's info dict;
-pass it as the `callback` of ldm.pipeline.txt2img / sample or ldm.samplers.sample), and h.step becomes i + 1;
-every UNet evaluation before that belongs to step i (heun and dpm2 evaluate twice per step). `steps` filters
-by that index: None (every step), an int, a collection of ints (a range) or a predicate on the index. The
-counter starts at 0 when the `with` block is entered; `reset()` starts it again for another run in the same
-block. Hooks are torch forward hooks: they fire wherever the block runs, inside CFG's batch of [uncond,
-cond] too (outputs hold both halves), and are removed when the block is left. A torch.compile'd UNet
-(--compile) runs the hooks only if they were added before it compiles.
+The step is the index of the UNet evaluation in the run, counted from 0 when the `with` block is entered
+(`reset()` starts again, for the next run in the same block), as DAAM and prompt-to-prompt count diffusers'
+UNet calls. For the samplers that evaluate once per step (ddim, plms after its first step, dpm_solver, unipc,
+euler, euler_a, lms, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m_sde) it is the sampler step; heun, dpm2, dpm2_a,
+dpmpp_2s_a and dpmpp_sde evaluate twice per step but the last, plms twice in its first step. A sampler's
+callback cannot tell the two apart: k-diffusion calls it after a step's FIRST evaluation. `steps` filters
+by that index: None (every evaluation), an int, a collection of ints (a range) or a predicate on it; a hook
+that wants noise levels reads `call.t`. One evaluation is one UNet call with guidance's [uncond, cond] batch
+(outputs hold both halves); guidance run as two calls (unpairable conditionings) counts two. Hooks are torch
+forward hooks, removed when the block is left; a torch.compile'd UNet (--compile) runs only hooks that were
+added before it compiled.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ class Call(NamedTuple):
     """One evaluation of a hooked block."""
 
     name: str  # the block's original name under the UNet
-    step: int  # the sampler step (see the module docstring)
+    step: int  # the UNet evaluation's index in the run (see the module docstring)
     t: torch.Tensor | None  # the UNet timesteps of this evaluation, (B,)
     module: nn.Module
     inputs: tuple  # the block's positional inputs
@@ -80,7 +83,7 @@ class BlockHooks:
 
     def __init__(self, model):
         self.unet = unet_of(model)
-        self.step = 0
+        self.step, self._started = 0, False
         self.t = None
         self._hooks: list[tuple[str, Callable, StepFilter, bool]] = []
         self._handles: list = []
@@ -97,13 +100,10 @@ class BlockHooks:
         """Multiply a block's output by `factor` (the README's example)."""
         return self.wrap(name, lambda output, call: output * factor, steps)
 
-    def callback(self, info: dict) -> None:
-        """The sampler's per-step callback: step i has ended."""
-        self.step = int(info["i"]) + 1
-
     def reset(self) -> None:
         """Step 0 again, for the next sampling run inside the same `with` block."""
         self.step = 0
+        self._started = False
 
     def _add(self, name, fn, steps, replaces):
         module = block(self.unet, name)  # fails now, not at the first step, for a wrong name
@@ -121,15 +121,18 @@ class BlockHooks:
             return result if replaces else None
         return hook
 
-    def _timesteps(self, module, args, kwargs):
+    def _evaluation(self, module, args, kwargs):
+        # a UNet call begins: the next step, except for the first call after entering or reset()
+        self.step += self._started
+        self._started = True
         t = args[1] if len(args) > 1 else kwargs.get("timesteps")
         self.t = torch.as_tensor(t)
 
     def __enter__(self) -> BlockHooks:
         if self._handles:
             raise RuntimeError("these hooks are already active")
-        self.step = 0
-        self._handles = [self.unet.register_forward_pre_hook(self._timesteps, with_kwargs=True)]
+        self.reset()
+        self._handles = [self.unet.register_forward_pre_hook(self._evaluation, with_kwargs=True)]
         self._handles += [block(self.unet, name).register_forward_hook(self._hook(name, fn, steps, replaces))
                           for name, fn, steps, replaces in self._hooks]
         return self

@@ -118,7 +118,7 @@ def run(opts) -> None:
     recorder = AttentionRecorder(model, layers=layers, steps=steps_filter, tokens=positions,
                                  size=(opts.H, opts.W), cfg=opts.scale != 1.0)
     with recorder:
-        for batch, chunk, latents in cli_run.generate(opts, model, prompts, callback=recorder.callback):
+        for batch, chunk, latents in cli_run.generate(opts, model, prompts):
             maps = recorder.maps()[:len(chunk)]
             recorder.reset()
             images = pipeline.to_uint8(cli_run.decode(opts, model, latents))
@@ -145,7 +145,8 @@ def main(argv=None) -> None:
     g.add_argument("--attn_layers", default=None,
                    help="comma list of attn2 layers or blocks holding them, by original name (e.g. "
                         "output_blocks,middle_block.1); default: every cross-attention layer")
-    g.add_argument("--attn_steps", default=None, help="sampler steps to record: a-b (inclusive) or a,b,c; default all")
+    g.add_argument("--attn_steps", default=None, help="steps to record (UNet evaluations of each batch's run, which is the "
+                        "sampler step for one-evaluation samplers): a-b (inclusive) or a,b,c; default all")
     opts = p.parse_args(argv)
     errors_as_one_line("attention_maps.py", run, opts)
 

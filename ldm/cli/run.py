@@ -50,16 +50,15 @@ def autocast_dtype(opts: argparse.Namespace) -> torch.dtype | None:
     return torch.float16 if opts.precision == "autocast" and opts.device.type != "cpu" else None
 
 
-def generate(opts: argparse.Namespace, model, prompts: list[str], init_image: torch.Tensor | None = None,
-             callback=None) -> Iterator[tuple[int, list[str], torch.Tensor]]:
-    """(batch number, prompts, latents) for every batch of the run (ldm.pipeline.generate with the flags);
-    `callback`: the sampler's per-step callback (scripts/attention_maps.py's recorder)."""
+def generate(opts: argparse.Namespace, model, prompts: list[str],
+             init_image: torch.Tensor | None = None) -> Iterator[tuple[int, list[str], torch.Tensor]]:
+    """(batch number, prompts, latents) for every batch of the run (ldm.pipeline.generate with the flags)."""
     return pipeline.generate(
         model, prompts, n_samples=opts.n_samples, latent_shape=(opts.C, opts.H // opts.f, opts.W // opts.f),
         seed=opts.seed, n_iter=opts.n_iter, fixed_code=opts.fixed_code, init_image=init_image,
         strength=getattr(opts, "strength", None), autocast=autocast_dtype(opts), sampler=opts.sampler,
         steps=opts.ddim_steps, schedule=opts.schedule, scale=opts.scale, eta=opts.ddim_eta,
-        negative_prompt=opts.negative_prompt, callback=callback)
+        negative_prompt=opts.negative_prompt)
 
 
 def decode(opts: argparse.Namespace, model, latents: torch.Tensor) -> torch.Tensor:
