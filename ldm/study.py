@@ -267,6 +267,7 @@ def write(results: dict, out: Path) -> list[str]:
     try:
         plot(results, out / "error_vs_nfe.png")
     except ImportError:
+        (out / "error_vs_nfe.png").unlink(missing_ok=True)  # never leave another run's plot beside these results
         return ["matplotlib is not installed: error_vs_nfe.png skipped (pip install -e '.[study]')"]
     return []
 

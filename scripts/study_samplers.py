@@ -42,6 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reference", default=None,
                    help="SAMPLER:STEPS[:SCHEDULE] (default: heun at 4x the largest --steps on the first schedule)")
     p.add_argument("--out", default="outputs/sampler-study", help="output directory (must not hold results yet)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     p.add_argument("--config", default=str(DEMO_CONFIG), help="model config (default: the demo model's)")
     p.add_argument("--ckpt", default=str(DEMO_CKPT), help="checkpoint (default: the shipped demo model)")
     p.add_argument("--H", type=int, default=64, help="image height (default: the demo model's 64)")
@@ -80,10 +81,15 @@ def check(opts: argparse.Namespace):
     steps = sorted(set(_int_list(opts.steps, "--steps")))
     if steps[0] < 1:
         raise CLIError("--steps must be positive")
-    names = list(samplers.SAMPLERS) if opts.samplers == "all" else [s for s in opts.samplers.split(",") if s]
     schedules = [s for s in opts.schedule.split(",") if s]
     if not schedules:
         raise CLIError("--schedule is empty")
+    if opts.samplers == "all":  # every sampler that takes one of the schedules
+        names = [n for n, spec in samplers.SAMPLERS.items() if set(spec.valid_schedules) & set(schedules)]
+    else:
+        names = [s for s in opts.samplers.split(",") if s]
+    if not names:
+        raise CLIError("no sampler to run")
     try:
         runs = study.methods(names, schedules, steps)
         reference = study.parse_reference(opts.reference or f"heun:{4 * steps[-1]}", schedules[0])
@@ -101,8 +107,8 @@ def check(opts: argparse.Namespace):
             raise CLIError(f"prompt file is empty: {opts.from_file}")
     else:
         prompts = [opts.prompt]
-    if (Path(opts.out) / "results.json").exists():
-        raise CLIError(f"{opts.out} already holds results.json; choose another --out")
+    if (Path(opts.out) / "results.json").exists() and not opts.overwrite:
+        raise CLIError(f"{opts.out} already holds results.json; choose another --out (or --overwrite)")
     if os.path.exists(opts.out) and not os.path.isdir(opts.out):
         raise CLIError(f"--out {opts.out} exists and is not a directory")
     opts.device = inputs.resolve_device(opts.device)
