@@ -33,7 +33,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ldm.hooks import BlockHooks, StepFilter, unet_of
+from ldm.hooks import BlockHooks, StepFilter, block, unet_of
 from ldm.models.attention import CrossAttention
 
 
@@ -66,6 +66,9 @@ class AttentionRecorder:
         self.factor = 2 ** (len(config.first_stage.ddconfig.ch_mult) - 1) if config is not None else None
         self.hooks = BlockHooks(model)
         for name in self.layers:
+            if not isinstance(block(self.hooks.unet, name), CrossAttention):
+                raise ValueError(f"{name} is not an attention layer (the cross-attention layers: "
+                                 f"{', '.join(cross_attention_layers(model))})")
             self.hooks.observe(name, self._record, steps)
         self._latent = None
         self.reset()

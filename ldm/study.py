@@ -41,6 +41,7 @@ import torch
 from ldm import samplers
 from ldm.noise import randn
 
+# a run's row (then "adherence" on the demo model, and "stochastic")
 FIELDS = ("sampler", "schedule", "steps", "nfe", "prompt", "seed", "latent_rmse", "psnr", "seconds")
 
 
@@ -258,7 +259,7 @@ def write(results: dict, out: Path) -> list[str]:
     plot is skipped, with a message, when matplotlib is missing)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    columns = list(dict.fromkeys(key for row in results["runs"] for key in row))
+    columns = list(dict.fromkeys([*FIELDS, *(key for row in results["runs"] for key in row)]))
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()

@@ -50,6 +50,11 @@ def test_recording_changes_no_image(model, backend):
     assert recorder.held_bytes() == 2 * 10 * (8 * 8 + 4 * 4 + 2 * 2) * 4
 
 
+def test_layers_must_be_attention_layers(model):
+    with pytest.raises(ValueError, match="middle_block.1 is not an attention layer"):
+        AttentionRecorder(model, layers=["middle_block.1"])
+
+
 def test_probabilities_are_the_layers_own(model):
     attn = model.unet.get_submodule(cross_attention_layers(model)[0])
     x, context = torch.randn(2, 64, attn.to_q.in_features), torch.randn(2, 77, attn.to_k.in_features)
