@@ -214,6 +214,8 @@ def curves(results: dict) -> list[dict]:
         if "adherence" in by_steps[steps[0]][0]:
             curve["adherence"] = [float(np.mean([r["adherence"] for r in by_steps[n]])) for n in steps]
         curve["order"] = empirical_order(nfe, curve["rmse"])
+        curve["local_orders"] = [local_order(a, b, ea, eb) for a, b, ea, eb in
+                                 zip(nfe, nfe[1:], curve["rmse"], curve["rmse"][1:])]
         out.append(curve)
     return out
 
@@ -229,22 +231,31 @@ def empirical_order(nfe: Sequence[float], errors: Sequence[float]) -> float:
     return float(-np.polyfit(x, y, 1)[0])
 
 
+def local_order(nfe_a, nfe_b, error_a, error_b) -> float:
+    """The order between two neighbouring step counts: -log(error_b / error_a) / log(nfe_b / nfe_a)."""
+    if error_a <= 0 or error_b <= 0:
+        return math.nan
+    return -math.log(error_b / error_a) / math.log(nfe_b / nfe_a)
+
+
 def _psnr_text(value) -> str:
     return "" if value is None else ("inf" if math.isinf(value) else f"{value:.1f}")
 
 
 def table(results: dict) -> str:
     """The summary as a Markdown table: per sampler and schedule, mean latent_rmse (and psnr in dB) at each
-    step count with its nfe, the empirical order over the three finest step counts, and the reference floor."""
+    step count with its nfe, the empirical order over the three finest step counts, the local orders between
+    neighbouring step counts, and the reference floor."""
     ref = results["reference"]
-    lines = ["| sampler | schedule | " + " | ".join(["steps (nfe): latent_rmse / psnr"]) + " | order | |",
-             "|---|---|---|---:|---|"]
+    lines = ["| sampler | schedule | steps (nfe): latent_rmse / psnr dB | order | between neighbours | |",
+             "|---|---|---|---:|---|---|"]
     for c in curves(results):
         cells = "; ".join(f"{n} ({nfe}): {e:.2e}" + ("" if p is None else f" / {_psnr_text(p)}")
                           for n, nfe, e, p in zip(c["steps"], c["nfe"], c["rmse"], c["psnr"]))
         note = "stochastic: does not converge to the ODE solution" if c["stochastic"] else ""
         order = "n/a" if math.isnan(c["order"]) else f"{c['order']:.2f}"
-        lines.append(f"| {c['sampler']} | {c['schedule']} | {cells} | {order} | {note} |")
+        local = ", ".join("n/a" if math.isnan(o) else f"{o:.2f}" for o in c["local_orders"])
+        lines.append(f"| {c['sampler']} | {c['schedule']} | {cells} | {order} | {local} | {note} |")
     floor = f"{ref['floor_latent_rmse']:.2e}"
     if "floor_psnr" in ref:
         floor += f" / {_psnr_text(ref['floor_psnr'])} dB"
