@@ -79,7 +79,7 @@ def block(unet: nn.Module, name: str) -> nn.Module:
 
 
 class BlockHooks:
-    """Forward hooks on UNet blocks by original name, with a sampler-step filter (module docstring)."""
+    """Forward hooks on UNet blocks by original name, with a step filter (see the module docstring)."""
 
     def __init__(self, model):
         self.unet = unet_of(model)
