@@ -1,7 +1,8 @@
 """Cross-attention maps of txt2img images (DAAM): one overlay per prompt word, and the per-token maps.
 
-    python scripts/attention_maps.py --config configs/demo/shapes-v1.yaml --ckpt checkpoints/demo/shapes-v1.safetensors \
-        --H 64 --W 64 --f 4 --n_samples 1 --n_iter 1 --scale 3 --prompt "a red circle on a blue background, top left"
+    python scripts/attention_maps.py --config configs/demo/shapes-v1.yaml \
+        --ckpt checkpoints/demo/shapes-v1.safetensors --H 64 --W 64 --f 4 --n_samples 1 --n_iter 1 --scale 3 \
+        --prompt "a red circle on a blue background, top left"
 
 Takes every flag of scripts/txt2img.py (same defaults, same images, bit for bit: recording reads the attention
 layers' inputs and never changes their computation; ldm/attention_maps.py), plus --attn_layers and
@@ -108,7 +109,8 @@ def run(opts) -> None:
     layers = every if not opts.attn_layers else [
         name for name in every if any(name == p or name.startswith(p + ".") for p in opts.attn_layers.split(","))]
     if not layers:
-        raise CLIError(f"--attn_layers {opts.attn_layers} selects no cross-attention layer; they are: {', '.join(every)}")
+        raise CLIError(f"--attn_layers {opts.attn_layers} selects no cross-attention layer; "
+                       f"they are: {', '.join(every)}")
     lengths = {prompt: prompt_length(model, prompt) for prompt in prompts}
     if max(lengths.values()) == 0:
         raise CLIError("the prompts have no tokens to map")
@@ -145,8 +147,9 @@ def main(argv=None) -> None:
     g.add_argument("--attn_layers", default=None,
                    help="comma list of attn2 layers or blocks holding them, by original name (e.g. "
                         "output_blocks,middle_block.1); default: every cross-attention layer")
-    g.add_argument("--attn_steps", default=None, help="steps to record (UNet evaluations of each batch's run, which is the "
-                        "sampler step for one-evaluation samplers): a-b (inclusive) or a,b,c; default all")
+    g.add_argument("--attn_steps", default=None,
+                   help="steps to record (UNet evaluations of each batch's run, which is the sampler step for "
+                        "one-evaluation samplers): a-b (inclusive) or a,b,c; default all")
     opts = p.parse_args(argv)
     errors_as_one_line("attention_maps.py", run, opts)
 

@@ -125,7 +125,8 @@ def test_script_on_the_demo_model(tmp_path, capsys):
     z_ref = txt2img_latent("heun", 3)
     z_fine = txt2img_latent("heun", 6)
     ref = results["reference"]
-    assert (ref["sampler"], ref["steps"], ref["schedule"], ref["nfe"], ref["floor_steps"]) == ("heun", 3, "karras", 5, 6)
+    assert (ref["sampler"], ref["steps"], ref["schedule"]) == ("heun", 3, "karras")
+    assert (ref["nfe"], ref["floor_steps"]) == (5, 6)
     assert ref["floor_latent_rmse"] == pytest.approx(float((z_ref - z_fine).double().pow(2).mean().sqrt()), rel=1e-6)
     for row in results["runs"]:
         z = txt2img_latent(row["sampler"], row["steps"])
