@@ -58,7 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="torch device (default: the CUDA device if available, else cpu)")
     p.add_argument("--precision", choices=list(PRECISIONS), default="autocast",
                    help="as txt2img: full, autocast (float16 compute on an accelerator), fp16, bf16")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 for the demo model, whose small ops only wait on a second "
+                        "thread when the cores are busy; torch's choice otherwise)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -142,6 +144,8 @@ def main_body(opts: argparse.Namespace) -> None:
     from ldm.cli.flags import PRECISIONS, CLIError
     from ldm.cli.run import autocast_dtype
 
+    if opts.threads is None and DEMO_CKPT.exists() and os.path.samefile(opts.ckpt, DEMO_CKPT):
+        opts.threads = 1
     if opts.threads:
         torch.set_num_threads(opts.threads)
     model = ldm.load_model(opts.config, opts.ckpt, device=opts.device, dtype=PRECISIONS[opts.precision])
