@@ -110,6 +110,14 @@ def decode(ids: Sequence[int]) -> str:
     return _open_clip_tokenizer().decode(list(ids)).strip()
 
 
+def pieces(ids: Sequence[int]) -> list[str]:
+    """The vocabulary entries of BPE ids as text, "</w>" marking a word's last piece ("astronaut</w>"; a word
+    split in two is "astro", "naut</w>"), e.g. to label per-token attention maps and merge them into words."""
+    tokenizer = _open_clip_tokenizer()
+    return [bytearray(tokenizer.byte_decoder[c] for c in tokenizer.decoder[int(i)]).decode("utf-8", "replace")
+            for i in ids]
+
+
 def tokenize(prompts: str | Sequence[str], context_length: int = CONTEXT_LENGTH, pad_id: int | None = None,
              convention: str = "open_clip") -> Tokens:
     """Token ids (B, context_length): start-of-text, BPE ids, end-of-text, then pad_id.
