@@ -24,7 +24,7 @@ import torch
 
 from ldm import samplers
 from ldm.denoisers import CFGDenoiser, Denoiser
-from ldm.noise import randn
+from ldm.noise import Generators, randn
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -129,12 +129,13 @@ def encode_image(model, image: torch.Tensor, generator: torch.Generator) -> torc
 @torch.no_grad()
 def sample(model, prompts: str | Sequence[str], *, negative_prompt: str | Sequence[str] = "",
            sampler: str = "ddim", steps: int = 50, schedule: str = "uniform", scale: float = 7.5,
-           eta: float = 0.0, options: dict | None = None, shape: Sequence[int], generator: torch.Generator,
+           eta: float = 0.0, options: dict | None = None, shape: Sequence[int], generator: Generators,
            x_T: torch.Tensor | None = None, init_latent: torch.Tensor | None = None,
            strength: float | None = None, callback: Callable | None = None,
            disable: bool = False) -> torch.Tensor:
     """Latents for one batch; draws x_T (or the img2img forward noise) from `generator` unless given.
-    `options`: the sampler's own options (ldm.samplers.SamplerSpec.options)."""
+    `generator`: one for the batch, or one per image (ldm/noise.py; ldm/image_set.py). `options`: the
+    sampler's own options (ldm.samplers.SamplerSpec.options)."""
     if model.conditioning_key == "hybrid":
         raise ValueError("inpainting (hybrid) models need a mask and a masked image; txt2img/img2img "
                          "do not support them")

@@ -3,8 +3,9 @@
 The PNG's `parameters` (ldm/cli/record.py) give the txt2img / img2img options of the run, the run's seed, and the
 image's batch number and position. The run is replayed up to that batch through the same code path as
 scripts/txt2img.py (ldm/cli/run.py) and the image is picked; the model, VAE and init image must be the ones the
-image records (their hashes are checked before anything is loaded). Writes OUTDIR/NNNNN.png and says whether it
-is identical to the source.
+image records (their hashes are checked before anything is loaded). An image of scripts/sample_many.py
+(`Generator: per image`) has its own seed and is regenerated alone (ldm/cli/sample_many.py `regenerate`).
+Writes OUTDIR/NNNNN.png and says whether it is identical to the source.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ldm import pipeline, png_info
-from ldm.cli import inputs, record, run
+from ldm.cli import inputs, record, run, sample_many
 from ldm.cli.flags import CLIError, Parser, add_model_flags, build_parser
 
 
@@ -65,10 +66,14 @@ def rerun(args: argparse.Namespace) -> None:
             hashes["Init image"] = fields["Init image"]  # keep the recorded name when given elsewhere
 
     model, prompts, init_image = run.prepare(opts, mode, before_load=check_hashes)
-    for number, _, latents in run.generate(opts, model, prompts, init_image):
-        if number == batch:  # earlier batches only advance the generator, as in the original run
-            # decode the whole batch, as the run did: kernels may block (and so round) by batch size
-            image = pipeline.to_uint8(run.decode(opts, model, latents))[pos]
+    if fields.get(sample_many.GENERATOR) == sample_many.PER_IMAGE:  # an image of scripts/sample_many.py
+        image, extra = sample_many.regenerate(opts, model, fields)
+        hashes.update(extra)
+    else:
+        for number, _, latents in run.generate(opts, model, prompts, init_image):
+            if number == batch:  # earlier batches only advance the generator, as in the original run
+                # decode the whole batch, as the run did: kernels may block (and so round) by batch size
+                image = pipeline.to_uint8(run.decode(opts, model, latents))[pos]
     os.makedirs(opts.outdir, exist_ok=True)
     path = png_info.save_numbered(image, opts.outdir, run.SAMPLE_NAME, run.SAMPLE_TEMPLATE,
                                   record.infotext(vars(opts), opts.prompt, batch, pos, hashes))
