@@ -28,6 +28,7 @@ class World:
     size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # `init` created the process group (and `finish` destroys it)
 
     @property
     def main(self) -> bool:
@@ -70,15 +71,16 @@ def init(device: torch.device | str | None = None) -> World:
         return World(device=device)
     if device.type != "cpu":
         torch.get_device_module(device).set_device(device)
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()  # a caller may have joined already (then it also leaves)
+    if owns:
         backend = dist.Backend.default_device_backend_map.get(device.type, "gloo")
         dist.init_process_group(backend, device_id=device if device.type != "cpu" else None)
-    return World(dist.get_rank(), dist.get_world_size(), local_rank, device)
+    return World(dist.get_rank(), dist.get_world_size(), local_rank, device, owns)
 
 
 def finish(world: World) -> None:
-    """Leave the process group (after the last collective)."""
-    if world.distributed and dist.is_initialized():
+    """Leave the process group `init` joined (after the last collective)."""
+    if world.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 
