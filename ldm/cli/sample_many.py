@@ -234,7 +234,8 @@ def make_set(opts: argparse.Namespace, world: distributed.World) -> None:
     items = image_set.plan(read_prompts(opts), opts.images_per_prompt, opts.seed, opts.negative_prompt)
     chunks = image_set.batches(items, opts.n_samples)
     mine = image_set.shard(len(chunks), world.rank, world.size)
-    hashes = run.file_hashes(opts, "txt2img")
+    # the checkpoint's hash is read once (rank 0), not by every process
+    hashes = distributed.all_gather(world, run.file_hashes(opts, "txt2img") if world.main else None)[0]
     if world.main:
         remove_stale(opts.outdir)
     distributed.barrier(world)  # no rank writes before the stale files are gone

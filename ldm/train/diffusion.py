@@ -102,7 +102,8 @@ class DiffusionTrainer(Trainer):
             network.append(model.cond_stage_model)
         params = list(network.parameters())
         self.ema = LitEma(model.model, decay=float(opts.extra.get("ema_decay", 0.9999))).to(device)
-        super().__init__(params, opts, device, network=network, world=world)
+        # a trained text encoder may have unused parameters (SD v2 reads OpenCLIP's penultimate layer)
+        super().__init__(params, opts, device, network=network, world=world, unused_parameters=self.train_text)
         self.pool = self.encode_pool(int(opts.extra.get("latent_pool", 0)))
 
     @torch.no_grad()

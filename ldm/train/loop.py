@@ -95,10 +95,11 @@ class Trainer:
     returning this rank's rows), `compute_loss(*batch) -> (loss, logs)` (deterministic given the batch),
     `checkpoint_state() -> dict` (the original-layout `state_dict`) and `load_checkpoint_state(sd)`, and pass
     the module holding the trainable `params` as `network`. `world`: this process's rank (ldm/distributed.py;
-    default a single process)."""
+    default a single process). `unused_parameters`: some trainable parameters take no part in the loss (DDP
+    then looks for them every step)."""
 
     def __init__(self, params: list[torch.nn.Parameter], opts: TrainOptions, device: torch.device,
-                 network: nn.Module, world: World | None = None):
+                 network: nn.Module, world: World | None = None, unused_parameters: bool = False):
         if opts.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {opts.precision!r}")
         self.opts = opts
@@ -118,7 +119,7 @@ class Trainer:
             # statistic, so buffers need no broadcast at every step
             self.network_loss = nn.parallel.DistributedDataParallel(
                 self.network_loss, device_ids=None if self.device.type == "cpu" else [self.device],
-                broadcast_buffers=False)
+                broadcast_buffers=False, find_unused_parameters=unused_parameters)
         self.optimizer = torch.optim.AdamW(params, lr=opts.lr, betas=opts.betas, weight_decay=opts.weight_decay)
         fp16 = opts.precision == "fp16"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16) if fp16 else None
