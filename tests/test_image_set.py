@@ -191,8 +191,9 @@ def test_an_image_of_other_settings_stops_the_run(tiny, reference, tmp_path, cap
     out = tmp_path / "set"
     (out / "images").mkdir(parents=True)
     for i in range(2):  # the first images of a run with another step count
-        png_info.save_png(pixels(reference / "images" / f"{i:06}.png"), str(out / "images" / f"{i:06}.png"),
-                          png_info.read_parameters(str(reference / "images" / f"{i:06}.png")).replace("Steps: 4", "Steps: 5"))
+        source = str(reference / "images" / f"{i:06}.png")
+        png_info.save_png(pixels(source), str(out / "images" / f"{i:06}.png"),
+                          png_info.read_parameters(source).replace("Steps: 4", "Steps: 5"))
     before = files(out)
     with pytest.raises(SystemExit) as exit_info:
         sample_many.main(argv(tiny, out))

@@ -183,10 +183,10 @@ def sample(denoiser, x_T: torch.Tensor | None, *, sampler: str = "ddim", steps: 
 
     denoiser: a Denoiser / CFGDenoiser (needs .sigmas and .replace); extra_args go to it (cond, uncond, ...).
     x_T: N(0, I) of the latent shape; for img2img (init_latent + strength) it is the forward-noising noise,
-    drawn from `generator` (one generator, or one per row: ldm/noise.py) if None. callback(info) once per step with k-diffusion's dict (x, i, sigma,
-    sigma_hat, denoised); disable turns the progress bar off. schedule: one of the sampler's grid's
-    (SAMPLERS[name].valid_schedules). eta: DDIM's eta (ddim only); options: the sampler's other options
-    (SamplerSpec.options: churn for euler/heun/dpm2, solver_type for dpmpp_2m_sde).
+    drawn from `generator` (one generator, or one per row: ldm/noise.py) if None. callback(info) once per step
+    with k-diffusion's dict (x, i, sigma, sigma_hat, denoised); disable turns the progress bar off. schedule:
+    one of the sampler's grid's (SAMPLERS[name].valid_schedules). eta: DDIM's eta (ddim only); options: the
+    sampler's other options (SamplerSpec.options: churn for euler/heun/dpm2, solver_type for dpmpp_2m_sde).
     """
     spec = get(sampler)
     kwargs = resolve_options(spec, sampler, eta, options)
