@@ -4,7 +4,8 @@
 - inputs.py: validation of the flags, reading prompts and the init image, checks against the loaded model,
 - run.py: load, sample through ldm.pipeline, write numbered PNGs with their parameters,
 - record.py: options <-> the PNG `parameters` text,
-- rerun.py: regenerate an image from its PNG.
+- rerun.py: regenerate an image from its PNG,
+- sample_many.py: image sets with one generator per image, sharded over torchrun processes (ldm/image_set.py).
 
 The command line only parses, validates and writes files: batching and randomness are ldm.pipeline's.
 """

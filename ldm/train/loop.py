@@ -115,11 +115,11 @@ class Trainer:
             warnings.warn("dropout > 0: each rank draws its own dropout masks, so this run is not the same "
                           "at every world size")
         if self.world.distributed:
-            # the module's parameters and buffers are broadcast from rank 0 here; none of ours is a running
-            # statistic, so buffers need no broadcast at every step
+            # parameters and buffers are broadcast from rank 0 here (they are equal already: same seed or the
+            # same checkpoint); our buffers are constants, so DDP's per-step buffer sync changes nothing
             self.network_loss = nn.parallel.DistributedDataParallel(
                 self.network_loss, device_ids=None if self.device.type == "cpu" else [self.device],
-                broadcast_buffers=False, find_unused_parameters=unused_parameters)
+                find_unused_parameters=unused_parameters)
         self.optimizer = torch.optim.AdamW(params, lr=opts.lr, betas=opts.betas, weight_decay=opts.weight_decay)
         fp16 = opts.precision == "fp16"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16) if fp16 else None
