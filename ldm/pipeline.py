@@ -25,7 +25,7 @@ import torch
 
 from ldm import samplers
 from ldm.denoisers import CFGDenoiser, Denoiser
-from ldm.noise import randn
+from ldm.noise import Generators, randn
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -186,17 +186,17 @@ def check_sampling(model, *, scale: float, eta: float, shape: Sequence[int]) -> 
 @torch.no_grad()
 def sample(model, prompts: str | Sequence[str], *, negative_prompt: str | Sequence[str] = "",
            sampler: str | None = None, steps: int = 50, schedule: str = "uniform", scale: float | None = None,
-           eta: float = 0.0, options: dict | None = None, shape: Sequence[int], generator: torch.Generator,
+           eta: float = 0.0, options: dict | None = None, shape: Sequence[int], generator: Generators,
            x_T: torch.Tensor | None = None, init_latent: torch.Tensor | None = None,
            strength: float | None = None, callback: Callable | None = None,
            disable: bool = False, text=None, controls: Sequence | None = None, guess_mode: bool = False,
            value_dict: dict | None = None, handoff: float | None = None, add_noise: bool = True) -> torch.Tensor:
     """Latents for one batch; draws x_T (or the img2img forward noise) from `generator` unless given.
-    `options`: the sampler's own options (ldm.samplers.SamplerSpec.options). sampler / scale: the model
-    family's defaults when None (ddim, 7.5; SDXL: euler, 5.0). `text`: ldm.prompts.TextOptions; `controls`,
-    `guess_mode`: ControlNets (make_denoiser). value_dict: an sgm model's conditioning values
-    (ldm/models/sgm.py). handoff / add_noise: a run stopped early for a refiner and its finishing run
-    (ldm.samplers.sample)."""
+    `generator`: one for the batch, or one per image (ldm/noise.py; ldm/image_set.py). `options`: the sampler's
+    own options (ldm.samplers.SamplerSpec.options). sampler / scale: the model family's defaults when None (ddim,
+    7.5; SDXL: euler, 5.0). `text`: ldm.prompts.TextOptions; `controls`, `guess_mode`: ControlNets
+    (make_denoiser). value_dict: an sgm model's conditioning values (ldm/models/sgm.py). handoff / add_noise: a
+    run stopped early for a refiner and its finishing run (ldm.samplers.sample)."""
     if model.conditioning_key == "hybrid":
         raise ValueError("inpainting (hybrid) models need an image and a mask: use ldm.pipeline.inpaint "
                          "(txt2img/img2img do not run them)")

@@ -16,11 +16,18 @@ scripts/txt2img.py read them; they also carry the optimizer and RNG state, and r
 resumes from --out when it exists (raise --steps to train longer). Data: the procedural world of
 ldm/demo/world.py (training split). Deterministic given --seed on CPU with a fixed --threads.
 scripts/train_demo.py runs both stages with the demo model's settings.
+
+Data-parallel: `torchrun --nproc_per_node N scripts/train.py ...` runs N processes (one GPU each with
+--device cuda, nccl; or N CPU processes, gloo) under DistributedDataParallel. --batch-size stays the GLOBAL
+batch, split evenly over the processes, and each step the processes together see exactly the samples one
+process would see, so the same command trains the same model (up to float rounding) at any N; rank 0 alone
+writes the checkpoint, the log and the export, and a run resumes at any N.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -28,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ldm import distributed  # noqa: E402
 from ldm.config import load_config  # noqa: E402
 from ldm.demo import world  # noqa: E402
 from ldm.models.latent_diffusion import build_model  # noqa: E402
@@ -37,8 +45,8 @@ from ldm.train.diffusion import DiffusionTrainer  # noqa: E402
 from ldm.train.loop import PRECISIONS, TrainOptions  # noqa: E402
 
 
-def world_data(n: int, generator: torch.Generator):
-    images, captions, _ = world.batch(n, generator, split="train")
+def world_data(n: int, generator: torch.Generator, size: int = world.IMAGE_SIZE):
+    images, captions, _ = world.batch(n, generator, split="train", size=size)
     return images, captions
 
 
@@ -51,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--config", required=True, help="original-format LatentDiffusion yaml")
         q.add_argument("--out", required=True, help="training checkpoint (.ckpt); resumed when it exists")
         q.add_argument("--steps", type=int, default=steps)
-        q.add_argument("--batch-size", type=int, default=batch)
+        q.add_argument("--batch-size", type=int, default=batch,
+                       help="global batch, split evenly over the processes under torchrun")
         q.add_argument("--lr", type=float, default=lr)
         q.add_argument("--lr-min", type=float, default=None, help="end of the cosine decay (default lr / 10)")
         q.add_argument("--warmup", type=int, default=100)
@@ -59,10 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--grad-clip", type=float, default=1.0)
         q.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
                        help="bf16/fp16 autocast (on an accelerator)")
-        q.add_argument("--device", default="cpu")
+        q.add_argument("--device", default="cpu", help="cpu, or an accelerator type (each rank takes its own)")
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-        q.add_argument("--log", default=None, help="JSON-lines loss log (default: OUT with .jsonl)")
+        q.add_argument("--image-size", type=int, default=world.IMAGE_SIZE,
+                       help=f"side of the training images in pixels (default {world.IMAGE_SIZE}, the world's)")
+        q.add_argument("--log", default=None,
+                       help="JSON-lines loss log (default: OUT with .jsonl); every line records world_size")
         q.add_argument("--log-every", type=int, default=10)
         q.add_argument("--ckpt-every", type=int, default=500)
 
@@ -104,29 +116,46 @@ def fit(trainer, args, desc):
     out = Path(args.out)
     if out.exists():
         trainer.resume(out)
-        print(f"resumed {out} at step {trainer.step}")
+        if trainer.world.main:
+            print(f"resumed {out} at step {trainer.step}")
     log = args.log or out.with_suffix(".jsonl")
     records = trainer.fit(out, log, desc=desc)
-    if records:
-        print(f"step {records[-1]['step']}: loss {records[-1]['loss']:.5f}; checkpoint {out}, log {log}")
+    if records and trainer.world.main:
+        print(f"step {records[-1]['step']}: loss {records[-1]['loss']:.5f}; checkpoint {out}, log {log} "
+              f"({trainer.world.size} process{'es' * (trainer.world.size > 1)})")
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.stage == "export":
-        dtype = None if args.fp32 else torch.float16
-        path = export_pruned(args.ckpt, args.out, dtype=dtype, ema=not args.no_ema)
-        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
-        return
-    if args.threads:
+    if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
+    ranks = distributed.init(torch.device(getattr(args, "device", "cpu")))
+    try:
+        if args.stage == "export":
+            if ranks.main:
+                dtype = None if args.fp32 else torch.float16
+                path = export_pruned(args.ckpt, args.out, dtype=dtype, ema=not args.no_ema)
+                print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+            return
+        if args.batch_size % ranks.size:
+            sys.exit(f"train.py: error: --batch-size {args.batch_size} does not split evenly over "
+                     f"{ranks.size} processes")
+        train(args, ranks)
+    finally:
+        distributed.finish(ranks)
+
+
+def train(args, ranks):
     model = build(args)
+    data = functools.partial(world_data, size=args.image_size)
     if args.stage == "autoencoder":
-        trainer = AutoencoderTrainer(model.first_stage_model, world_data,
-                                     options(args, {"kl_weight": args.kl_weight}), args.device)
+        trainer = AutoencoderTrainer(model.first_stage_model, data,
+                                     options(args, {"kl_weight": args.kl_weight}), ranks.device, ranks)
         fit(trainer, args, "autoencoder")
+        if not ranks.main:
+            return
         generator = torch.Generator().manual_seed(args.seed + 1)
-        images, _ = world_data(256, generator)
+        images, _ = data(256, generator)
         std = latent_std(trainer.vae, images, generator)
         print(f"latent std {std:.5f} -> scale_factor {1 / std:.6g}")
         if args.write_config:
@@ -135,9 +164,9 @@ def main(argv=None):
     vae_state = torch.load(args.first_stage, map_location="cpu", weights_only=True)["state_dict"]
     model.first_stage_model.load_state_dict(vae_state, strict=True)
     extra = {"cond_dropout": args.cond_dropout, "ema_decay": args.ema_decay}
-    trainer = DiffusionTrainer(model, world_data, options(args, extra), args.device)
+    trainer = DiffusionTrainer(model, data, options(args, extra), ranks.device, ranks)
     fit(trainer, args, "diffusion")
-    if args.export:
+    if args.export and ranks.main:
         path = export_pruned(args.out, args.export)
         print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 

@@ -6,6 +6,7 @@
 - record.py: options <-> the PNG `parameters` text,
 - rerun.py: regenerate an image from its PNG,
 - inpaint.py: what inpaint.py adds (the mask, its checks, ldm/inpaint.py's batches).
+- sample_many.py: image sets with one generator per image, sharded over torchrun processes (ldm/image_set.py).
 
 The command line only parses, validates and writes files: batching and randomness are ldm.pipeline's.
 """

@@ -7,6 +7,8 @@ embeddings must be the ones the image records (their hashes are checked before a
 The PNG is treated as untrusted: every field is checked first, as a flag would be (its name in the message), a
 path it records is never opened (an img2img or inpaint result needs --init-img, an inpaint one --mask, LoRAs and
 embeddings --lora / --embedding / --lora_dir), and what will be replayed is said before the replay starts.
+An image of scripts/sample_many.py (`Generator: per image`) has its own seed and is regenerated alone
+(ldm/cli/sample_many.py `regenerate`).
 Writes OUTDIR/NNNNN.png and says whether it is identical to the source.
 """
 
@@ -19,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from ldm import pipeline, png_info
-from ldm.cli import control, extras, inputs, limits, record, run
+from ldm.cli import control, extras, inputs, limits, record, run, sample_many
 from ldm.cli.flags import PRECISIONS, CLIError, Parser, add_model_flags, build_parser
 from ldm.cli.interrupt import PROGRESS
 from ldm.models.attention import ATTENTION_BACKENDS
@@ -183,10 +185,14 @@ def rerun(args: argparse.Namespace) -> None:
                            f"{_short(str(fields.get(key)))}")
     hashes.update(networks)
     PROGRESS.start(1)
-    for number, _, latents in run.generate(opts, model, prompts, init_image, mode):
-        if number == batch:  # earlier batches only advance the generator, as in the original run
-            # decode the whole batch, as the run did: kernels may block (and so round) by batch size
-            image = pipeline.to_uint8(run.decode(opts, model, latents))[pos]
+    if fields.get(sample_many.GENERATOR) == sample_many.PER_IMAGE:  # an image of scripts/sample_many.py
+        image, extra = sample_many.regenerate(opts, model, fields)
+        hashes.update(extra)
+    else:
+        for number, _, latents in run.generate(opts, model, prompts, init_image, mode):
+            if number == batch:  # earlier batches only advance the generator, as in the original run
+                # decode the whole batch, as the run did: kernels may block (and so round) by batch size
+                image = pipeline.to_uint8(run.decode(opts, model, latents))[pos]
     os.makedirs(opts.outdir, exist_ok=True)
     path = png_info.save_numbered(image, opts.outdir, run.SAMPLE_NAME, run.SAMPLE_TEMPLATE,
                                   record.infotext(vars(opts), opts.prompt, batch, pos, hashes))

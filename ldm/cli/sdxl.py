@@ -36,7 +36,8 @@ VALUE_KEYS = {"orig_height": "orig_height", "orig_width": "orig_width", "crop_to
               "aesthetic_score": "aesthetic_score", "negative_aesthetic_score": "negative_aesthetic_score"}
 
 
-def add_flags(p: argparse.ArgumentParser, img2img: bool) -> None:
+def add_flags(p: argparse.ArgumentParser, img2img: bool, refiner: bool | None = None) -> None:
+    """The SDXL flags; `refiner` (default: txt2img's, not img2img's) adds the base-to-refiner handoff."""
     g = p.add_argument_group("SDXL (generative-models configs; see README, SDXL)")
     size = "the init image's" if img2img else "--H/--W"
     g.add_argument("--orig_height", type=int, default=None, help=f"original-size conditioning (default: {size})")
@@ -49,7 +50,7 @@ def add_flags(p: argparse.ArgumentParser, img2img: bool) -> None:
                    help="aesthetic-score conditioning of the refiner (default 6.0)")
     g.add_argument("--negative_aesthetic_score", type=float, default=None,
                    help="aesthetic score of the refiner's unconditional branch (default 2.5)")
-    if not img2img:
+    if not img2img if refiner is None else refiner:
         g.add_argument("--refiner_config", type=str, default=None, help="config of the SDXL refiner")
         g.add_argument("--refiner_ckpt", type=str, default=None,
                        help="the refiner's checkpoint: the base stops early and the refiner finishes the image")

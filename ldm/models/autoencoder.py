@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.config import AutoencoderConfig, DDConfig
+from ldm.noise import Generators, randn
 
 
 def Normalize(channels: int) -> nn.GroupNorm:
@@ -234,12 +235,10 @@ class DiagonalGaussianDistribution:
         if deterministic:  # a point mass at the mean: sample() == mode(), as the original (logvar is kept)
             self.var = self.std = torch.zeros_like(self.mean)
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        # Noise is drawn in float32 on the generator's device (CPU by default) and then moved, so a seed gives
-        # the same latent on every device and dtype (team noise convention).
-        device = generator.device if generator is not None else torch.device("cpu")
-        noise = torch.randn(self.mean.shape, generator=generator, device=device, dtype=torch.float32)
-        return self.mean + self.std * noise.to(device=self.mean.device, dtype=self.mean.dtype)
+    def sample(self, generator: Generators = None) -> torch.Tensor:
+        # drawn as ldm/noise.py draws everything (float32 on the generator's device, then moved), so a seed
+        # gives the same latent on every device and dtype; one generator per image also works
+        return self.mean + self.std * randn(self.mean.shape, generator, self.mean.device, self.mean.dtype)
 
     def mode(self) -> torch.Tensor:
         return self.mean

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ldm import schedules
-from ldm.noise import randn_like
+from ldm.noise import Generators, randn_like
 from ldm.samplers.compvis import sample_ddim, sample_ddpm, sample_plms
 from ldm.samplers.k import (CHURN, sample_dpm_2, sample_dpm_2_ancestral, sample_dpmpp_2m, sample_dpmpp_2m_sde,
                             sample_dpmpp_2s_ancestral, sample_dpmpp_3m_sde, sample_dpmpp_sde, sample_euler,
@@ -252,7 +252,7 @@ def _progress(callback, total, disable):
 @torch.no_grad()
 def sample(denoiser, x_T: torch.Tensor | None, *, sampler: str = "ddim", steps: int = 50,
            schedule: str = "uniform", eta: float = 0.0, options: dict | None = None,
-           generator: torch.Generator | None = None, init_latent: torch.Tensor | None = None,
+           generator: Generators = None, init_latent: torch.Tensor | None = None,
            strength: float | None = None, callback: Callable | None = None, disable: bool = False,
            extra_args: dict | None = None, before_step: Callable | None = None, handoff: float | None = None,
            add_noise: bool = True) -> torch.Tensor:
@@ -261,14 +261,14 @@ def sample(denoiser, x_T: torch.Tensor | None, *, sampler: str = "ddim", steps: 
 
     denoiser: a Denoiser / CFGDenoiser (needs .sigmas and .replace); extra_args go to it (cond, uncond, ...).
     x_T: N(0, I) of the latent shape; for img2img (init_latent + strength) it is the forward-noising noise,
-    drawn from `generator` if None. callback(info) once per step with k-diffusion's dict (x, i, sigma,
-    sigma_hat, denoised); disable turns the progress bar off. schedule: one of the sampler's grid's
-    (SAMPLERS[name].valid_schedules). eta: DDIM's eta (ddim only); options: the sampler's other options
-    (SamplerSpec.options: churn for euler/heun/dpm2, solver_type for dpmpp_2m_sde). before_step(x, i, sigma):
-    returns the VE x that step i (at level sigma) starts from; `stepwise` samplers only (see the module doc).
-    handoff: stop early and leave the last part to a second model (sgm's Txt2NoisyDiscretizationWrapper(handoff,
-    original_steps=steps), schedules.txt2noisy_sigmas); add_noise=False: sgm img2img of such a latent (see
-    `_encode`).
+    drawn from `generator` (one generator, or one per row: ldm/noise.py) if None. callback(info) once per step
+    with k-diffusion's dict (x, i, sigma, sigma_hat, denoised); disable turns the progress bar off. schedule:
+    one of the sampler's grid's (SAMPLERS[name].valid_schedules). eta: DDIM's eta (ddim only); options: the
+    sampler's other options (SamplerSpec.options: churn for euler/heun/dpm2, solver_type for dpmpp_2m_sde).
+    before_step(x, i, sigma): returns the VE x that step i (at level sigma) starts from; `stepwise` samplers only
+    (see the module doc). handoff: stop early and leave the last part to a second model (sgm's
+    Txt2NoisyDiscretizationWrapper(handoff, original_steps=steps), schedules.txt2noisy_sigmas); add_noise=False:
+    sgm img2img of such a latent (see `_encode`).
     """
     spec = get(sampler)
     kwargs = resolve_options(spec, sampler, eta, options)

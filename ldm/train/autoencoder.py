@@ -31,15 +31,29 @@ from collections.abc import Callable
 
 import torch
 
+from ldm.distributed import World
+from ldm.noise import randn
 from ldm.train.loop import Trainer, TrainOptions
 
 # (n, generator) -> (images (n, 3, H, W) in [-1, 1], captions)
 DataFn = Callable[[int, torch.Generator], tuple[torch.Tensor, list[str]]]
 
 
-def autoencoder_loss(vae, images: torch.Tensor, kl_weight: float, generator: torch.Generator
-                     ) -> tuple[torch.Tensor, dict]:
-    reconstruction, posterior = vae(images, sample_posterior=True, generator=generator)
+def posterior_rows(posterior, generator: torch.Generator, n: int, rows: slice) -> torch.Tensor:
+    """A posterior sample of `rows` of a global batch of n, whose noise is drawn for all n (as one process draws
+    it; README, data-parallel training): posterior.sample(generator) when the rows are the whole batch."""
+    mean = posterior.mean
+    return mean + posterior.std * randn((n, *mean.shape[1:]), generator, mean.device, mean.dtype)[rows]
+
+
+def autoencoder_loss(vae, images: torch.Tensor, kl_weight: float, generator: torch.Generator,
+                     n: int | None = None, rows: slice | None = None) -> tuple[torch.Tensor, dict]:
+    """Loss of `images`; the posterior noise is drawn for a global batch of n of which they are `rows`
+    (default: they are the whole batch)."""
+    posterior = vae.encode(images)
+    if rows is None:
+        n, rows = images.shape[0], slice(None)
+    reconstruction = vae.decode(posterior_rows(posterior, generator, n, rows))  # AutoencoderKL.forward
     error = (images - reconstruction.float()).abs()
     kl = posterior.kl().float().mean()
     loss = error.mean() + kl_weight * kl / images[0].numel()
@@ -49,7 +63,8 @@ def autoencoder_loss(vae, images: torch.Tensor, kl_weight: float, generator: tor
 class AutoencoderTrainer(Trainer):
     """Trains `vae` (an AutoencoderKL) on images from `data`; opts.extra["kl_weight"] (default 1e-6)."""
 
-    def __init__(self, vae: torch.nn.Module, data: DataFn, opts: TrainOptions, device="cpu"):
+    def __init__(self, vae: torch.nn.Module, data: DataFn, opts: TrainOptions, device="cpu",
+                 world: World | None = None):
         self.vae = vae.to(device).train().requires_grad_(True)
         self.data = data
         self.kl_weight = float(opts.extra.get("kl_weight", 1e-6))
@@ -59,13 +74,18 @@ class AutoencoderTrainer(Trainer):
             with torch.no_grad():
                 bias = self.vae.quant_conv.bias
                 bias[bias.shape[0] // 2:] = float(logvar_init)
-        super().__init__(list(self.vae.parameters()), opts, device)
+        super().__init__(list(self.vae.parameters()), opts, device, network=self.vae, world=world)
 
-    def loss(self, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    def batch(self, generator: torch.Generator) -> tuple:
+        """This rank's images of the global batch (data and crops drawn for all of it); the posterior noise
+        follows in compute_loss, drawn for all of it too."""
         images, _ = self.data(self.opts.batch_size, generator)
         if self.crop:
             images = random_crops(images, self.crop, generator)
-        return autoencoder_loss(self.vae, images.to(self.device), self.kl_weight, generator)
+        return images[self.rows].to(self.device), generator
+
+    def compute_loss(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        return autoencoder_loss(self.vae, images, self.kl_weight, generator, self.opts.batch_size, self.rows)
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.vae.state_dict().items()}

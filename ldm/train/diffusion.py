@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from ldm.train.autoencoder import DataFn
+from ldm.distributed import World
+from ldm.train.autoencoder import DataFn, posterior_rows
 from ldm.train.checkpoint_io import diffusion_state_dict, split_diffusion_state_dict
 from ldm.train.ema import LitEma
 from ldm.train.loop import Trainer, TrainOptions
@@ -84,7 +86,8 @@ class DiffusionTrainer(Trainer):
     config's cond_stage_trainable).
     """
 
-    def __init__(self, model: torch.nn.Module, data: DataFn, opts: TrainOptions, device="cpu"):
+    def __init__(self, model: torch.nn.Module, data: DataFn, opts: TrainOptions, device="cpu",
+                 world: World | None = None):
         self.model = model.to(device)
         self.data = data
         self.cond_dropout = float(opts.extra.get("cond_dropout", 0.1))
@@ -92,12 +95,14 @@ class DiffusionTrainer(Trainer):
         self.train_text = bool(opts.extra.get("train_text", model.config.cond_stage_trainable))
         model.eval().requires_grad_(False)
         model.model.train().requires_grad_(True)
-        params = list(model.model.parameters())
+        network = nn.ModuleList([model.model])
         if self.train_text:
             model.cond_stage_model.train().requires_grad_(True)
-            params += list(model.cond_stage_model.parameters())
+            network.append(model.cond_stage_model)
+        params = list(network.parameters())
         self.ema = LitEma(model.model, decay=float(opts.extra.get("ema_decay", 0.9999))).to(device)
-        super().__init__(params, opts, device)
+        # a trained text encoder may have unused parameters (SD v2 reads OpenCLIP's penultimate layer)
+        super().__init__(params, opts, device, network=network, world=world, unused_parameters=self.train_text)
         self.pool = self.encode_pool(int(opts.extra.get("latent_pool", 0)))
 
     @torch.no_grad()
@@ -116,28 +121,36 @@ class DiffusionTrainer(Trainer):
         return torch.cat(means), torch.cat(stds), captions
 
     def latents(self, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
-        """Scaled latents z0 (B, C, h, w) of a training batch and its captions."""
-        model, n = self.model, self.opts.batch_size
+        """Scaled latents z0 of this rank's rows of a training batch, and the captions of the WHOLE batch
+        (every draw is made for the whole batch; only this rank's images are encoded)."""
+        model, n, rows = self.model, self.opts.batch_size, self.rows
         if self.pool is None:
             images, captions = self.data(n, generator)
             with torch.no_grad():
-                posterior = model.first_stage_model.encode(images.to(self.device))
-                return model.get_first_stage_encoding(posterior, generator).float(), captions
+                posterior = model.first_stage_model.encode(images[rows].to(self.device))
+                z = posterior_rows(posterior, generator, n, rows)
+                return model.get_first_stage_encoding(z).float(), captions
         means, stds, pool_captions = self.pool
         index = torch.randint(0, means.shape[0], (n,), generator=generator)
         noise = torch.randn((n,) + means.shape[1:], generator=generator)
-        z0 = model.scale_factor * (means[index] + stds[index] * noise)
+        z0 = model.scale_factor * (means[index[rows]] + stds[index[rows]] * noise[rows])
         return z0.to(self.device), [pool_captions[i] for i in index.tolist()]
 
-    def loss(self, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        model = self.model
+    def batch(self, generator: torch.Generator) -> tuple:
+        """(z0, captions after dropout, t, noise) of this rank's rows, every draw made for the whole batch in
+        the order of the module docstring."""
+        model, n, rows = self.model, self.opts.batch_size, self.rows
         z0, captions = self.latents(generator)
-        captions = drop_captions(captions, self.cond_dropout, generator)
-        t = torch.randint(0, model.num_timesteps, (z0.shape[0],), generator=generator).to(self.device)
-        noise = torch.randn(z0.shape, generator=generator)
+        captions = drop_captions(captions, self.cond_dropout, generator)[rows]
+        t = torch.randint(0, model.num_timesteps, (n,), generator=generator)[rows].to(self.device)
+        noise = torch.randn((n, *z0.shape[1:]), generator=generator)
         if self.offset_noise:
-            noise = noise + self.offset_noise * torch.randn(z0.shape[:2] + (1, 1), generator=generator)
-        noise = noise.to(self.device)
+            noise = noise + self.offset_noise * torch.randn((n, z0.shape[1], 1, 1), generator=generator)
+        return z0, captions, t, noise[rows].to(self.device)
+
+    def compute_loss(self, z0: torch.Tensor, captions: list[str], t: torch.Tensor,
+                     noise: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        model = self.model
         z_t = q_sample(z0, t, noise, model.alphas_cumprod)
         target = diffusion_target(z0, t, noise, model.alphas_cumprod, model.parameterization)
         prediction = model.apply_model(z_t, t, model.conditioning(captions))

@@ -7,6 +7,14 @@ reproducible from its seed on CPU and resumable from the generator state saved i
 
 The stage-specific parts (which parameters train, the loss, what a checkpoint holds) live in
 ldm/train/autoencoder.py and ldm/train/diffusion.py; both subclass `Trainer`.
+
+Data parallelism (torchrun, ldm/distributed.py): `opts.batch_size` is the GLOBAL batch. Every rank draws the
+whole batch's randomness from the run's generator in the same order as one process does (so the generators
+stay equal on every rank), then keeps its own rows (`World.rows`) and runs the network on them under
+DistributedDataParallel, which averages the gradients over the ranks: with equal row counts that is the
+gradient of the global batch's mean loss. So the same command trains the same model at any world size, up
+to float rounding (the gradient sums run in another order). Rank 0 alone writes checkpoints and the log;
+every log line records `world_size`; a checkpoint holds nothing of the world size, so a run resumes at any.
 """
 
 from __future__ import annotations
@@ -16,11 +24,15 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm import trange
+
+from ldm.distributed import World, all_sum
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -65,16 +77,49 @@ def learning_rate(step: int, opts: TrainOptions) -> float:
     return opts.lr_min + 0.5 * (opts.lr - opts.lr_min) * (1.0 + math.cos(math.pi * progress))
 
 
-class Trainer:
-    """One stage: subclasses set `self.params` and implement `loss(generator) -> (loss, logs)`,
-    `checkpoint_state() -> dict` (the original-layout `state_dict`) and `load_checkpoint_state(sd)`."""
+class _Loss(nn.Module):
+    """The trainable `network` with the stage's loss as its forward, so that DistributedDataParallel sees a
+    step's whole computation as one forward (its gradient hooks are armed there)."""
 
-    def __init__(self, params: list[torch.nn.Parameter], opts: TrainOptions, device: torch.device):
+    def __init__(self, network: nn.Module, compute):
+        super().__init__()
+        self.network = network
+        self.compute = compute
+
+    def forward(self, *batch):
+        return self.compute(*batch)
+
+
+class Trainer:
+    """One stage: subclasses implement `batch(generator)` (every random draw of a step for the global batch,
+    returning this rank's rows), `compute_loss(*batch) -> (loss, logs)` (deterministic given the batch),
+    `checkpoint_state() -> dict` (the original-layout `state_dict`) and `load_checkpoint_state(sd)`, and pass
+    the module holding the trainable `params` as `network`. `world`: this process's rank (ldm/distributed.py;
+    default a single process). `unused_parameters`: some trainable parameters take no part in the loss (DDP
+    then looks for them every step)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], opts: TrainOptions, device: torch.device,
+                 network: nn.Module, world: World | None = None, unused_parameters: bool = False):
         if opts.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {opts.precision!r}")
         self.opts = opts
         self.device = torch.device(device)
         self.params = params
+        self.world = world if world is not None else World(device=self.device)
+        self.world.rows(opts.batch_size)  # the global batch must split evenly over the ranks
+        self.network_loss = _Loss(network, self.compute_loss)
+        if self.world.main and self.world.distributed and any(
+                isinstance(m, nn.Dropout) and m.p > 0 for m in network.modules()):
+            # dropout masks come from the global torch RNG, not from the run's generator (none of the SD
+            # configs uses dropout)
+            warnings.warn("dropout > 0: each rank draws its own dropout masks, so this run is not the same "
+                          "at every world size")
+        if self.world.distributed:
+            # parameters and buffers are broadcast from rank 0 here (they are equal already: same seed or the
+            # same checkpoint); our buffers are constants, so DDP's per-step buffer sync changes nothing
+            self.network_loss = nn.parallel.DistributedDataParallel(
+                self.network_loss, device_ids=None if self.device.type == "cpu" else [self.device],
+                find_unused_parameters=unused_parameters)
         self.optimizer = torch.optim.AdamW(params, lr=opts.lr, betas=opts.betas, weight_decay=opts.weight_decay)
         fp16 = opts.precision == "fp16"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16) if fp16 else None
@@ -82,7 +127,10 @@ class Trainer:
         self.step = 0
 
     # --- stage-specific -------------------------------------------------------------------------------
-    def loss(self, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    def batch(self, generator: torch.Generator) -> tuple:
+        raise NotImplementedError
+
+    def compute_loss(self, *batch) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
@@ -95,6 +143,15 @@ class Trainer:
         """Hook after each optimiser step (the diffusion trainer updates its EMA here)."""
 
     # --- shared ---------------------------------------------------------------------------------------
+    @property
+    def rows(self) -> slice:
+        """This rank's rows of the global batch (all of them in a single process)."""
+        return self.world.rows(self.opts.batch_size)
+
+    def loss(self, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """This rank's loss (the mean over its rows) of the next global batch drawn from `generator`."""
+        return self.network_loss(*self.batch(generator))
+
     def autocast(self):
         dtype = PRECISIONS[self.opts.precision]
         if dtype is None:
@@ -121,11 +178,19 @@ class Trainer:
             self.optimizer.step()
         self.step += 1
         self.after_step()
-        return {"step": self.step, "loss": float(loss.detach()), "lr": lr, "grad_norm": float(grad_norm), **logs}
+        # the logged values of the global batch: the mean of the ranks' means (equal row counts)
+        names = sorted(logs)
+        values = all_sum(self.world, [float(loss.detach())] + [float(logs[k]) for k in names])
+        values = [v / self.world.size for v in values]
+        return {"step": self.step, "loss": values[0], "lr": lr, "grad_norm": float(grad_norm),
+                **dict(zip(names, values[1:])), "world_size": self.world.size}
 
     def save(self, path: str | os.PathLike) -> None:
         """Original layout (`state_dict`, `global_step`) plus what resuming needs: `optimizer_states` (as
-        Lightning names it) and `ldm_train` (options, RNG states). Written atomically."""
+        Lightning names it) and `ldm_train` (options, RNG states). Written atomically, by rank 0 alone (every
+        rank holds the same weights, optimizer and generator states)."""
+        if not self.world.main:
+            return
         payload = {
             "state_dict": self.checkpoint_state(),
             "global_step": self.step,
@@ -161,14 +226,16 @@ class Trainer:
     def fit(self, ckpt_path: str | os.PathLike | None = None, log_path: str | os.PathLike | None = None,
             desc: str = "train", disable: bool = False, on_checkpoint=None, before_step=None) -> list[dict]:
         """Train until `opts.steps`, logging every `log_every` steps; saves to `ckpt_path` every
-        `ckpt_every` steps and at the end (then calls `on_checkpoint(self)`). Returns the logged records."""
+        `ckpt_every` steps and at the end (then calls `on_checkpoint(self)`). Returns the logged records.
+        Under torchrun only rank 0 logs, saves, calls `on_checkpoint` and draws the progress bar."""
         records = []
-        if log_path:
+        main = self.world.main
+        if log_path and main:
             Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        log = open(log_path, "a") if log_path else None
+        log = open(log_path, "a") if log_path and main else None
         start = time.time()
         try:
-            bar = trange(self.step, self.opts.steps, desc=desc, disable=disable, initial=self.step,
+            bar = trange(self.step, self.opts.steps, desc=desc, disable=disable or not main, initial=self.step,
                          total=self.opts.steps)
             for _ in bar:
                 if before_step is not None:
@@ -184,11 +251,11 @@ class Trainer:
                 every = self.opts.ckpt_every
                 if ckpt_path and every and self.step % every == 0 and self.step != self.opts.steps:
                     self.save(ckpt_path)
-                    if on_checkpoint:
+                    if on_checkpoint and main:
                         on_checkpoint(self)
             if ckpt_path:
                 self.save(ckpt_path)
-                if on_checkpoint:
+                if on_checkpoint and main:
                     on_checkpoint(self)
         finally:
             if log:
