@@ -475,3 +475,29 @@ def test_a_real_checkpoint_layout_is_within_every_bound(tmp_path):
     obj = read_checkpoint(tmp_path / "real.ckpt")
     assert set(obj["state_dict"]) == set(keys) and len(obj["optimizer_states"][0]["state"]) == len(unet)
     assert obj["hparams"]["sizes"] == ((1, 2), frozenset({3}))
+
+
+def test_every_script_reads_16_bit_images_by_their_range(tmp_path):
+    """Masks, inpainting and SDXL init images and ControlNet hints go through ldm/cli/images.py as img2img's init
+    image does: a 16-bit greyscale file is scaled by its real range, never clipped to white; 8-bit files are read
+    exactly as the originals read them; samples of unknown range are refused in one line."""
+    from ldm.cli import images
+    from ldm.cli.flags import CLIError
+
+    ramp = np.linspace(0, 65535, 64 * 48).reshape(48, 64).astype(np.uint16)
+    wide = tmp_path / "wide.png"
+    Image.fromarray(ramp).save(wide)  # PIL stores it as a 16-bit greyscale PNG
+    grey = images.read_uint8(str(wide), "mask", "L")
+    assert grey.dtype == np.uint8 and grey.shape == (48, 64)
+    assert grey.min() == 0 and grey.max() == 255 and len(np.unique(grey)) > 200  # a ramp, not a white image
+    np.testing.assert_array_equal(grey, np.rint(ramp / 65535 * 255).astype(np.uint8))
+    rgb = images.read_uint8(str(wide), "init image", "RGB")
+    assert rgb.shape == (48, 64, 3) and np.array_equal(rgb[..., 0], grey) and np.array_equal(rgb[..., 2], grey)
+    eight = tmp_path / "eight.png"
+    colours = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(colours).save(eight)
+    assert np.array_equal(images.read_uint8(str(eight), "init image"), colours)
+    floats = tmp_path / "float.tiff"
+    Image.fromarray(np.ones((4, 4), np.float32), mode="F").save(floats)
+    with pytest.raises(CLIError, match="floating-point samples"):
+        images.read_uint8(str(floats), "control image")

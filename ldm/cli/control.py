@@ -22,8 +22,8 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
+from ldm.cli import images
 from ldm.cli.flags import PRECISIONS, CLIError
 
 
@@ -120,11 +120,7 @@ def read_hints(opts: argparse.Namespace) -> list[torch.Tensor] | None:
     height, width = 8 * (opts.H // opts.f), 8 * (opts.W // opts.f)
     hints = []
     for path, name in zip(opts.control_image, opts.control_preprocess):
-        try:
-            with Image.open(path) as image:
-                rgb = np.asarray(image.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as e:
-            raise CLIError(f"cannot read control image {path}: {e}") from None
+        rgb = images.read_uint8(path, "control image", "RGB")
         if rgb.shape[:2] != (height, width):
             raise CLIError(f"control image {path} is {rgb.shape[1]}x{rgb.shape[0]}, the ControlNet needs "
                            f"{width}x{height} for a {opts.W}x{opts.H} image (8x the latent): resize it, or pass "

@@ -8,29 +8,20 @@ import argparse
 import sys
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 
 from ldm import inpaint, png_info, samplers, schedules
+from ldm.cli import images
 from ldm.cli.flags import CLIError
 from ldm.samplers import SAMPLERS
-
-
-def _read(path: str, mode: str, what: str) -> np.ndarray:
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert(mode))
-    except (UnidentifiedImageError, OSError) as e:
-        raise CLIError(f"cannot read {what} {path}: {e}") from None
 
 
 def read_inputs(opts: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
     """(image (1, 3, H, W) in [-1, 1], mask (1, 1, H, W) in {0, 1}) as make_batch_sd: RGB / 127.5 - 1, and
     L / 255 >= 0.5; not resized (the output has the init image's size). Sets opts.H, opts.W."""
-    image = _read(opts.init_img, "RGB", "init image")
-    mask = _read(opts.mask, "L", "mask")
+    image = images.read_uint8(opts.init_img, "init image", "RGB")
+    mask = images.read_uint8(opts.mask, "mask", "L")
     if mask.shape != image.shape[:2]:
         raise CLIError(f"the mask {opts.mask} is {mask.shape[1]}x{mask.shape[0]} but the init image "
                        f"{opts.init_img} is {image.shape[1]}x{image.shape[0]}: they must have the same size")

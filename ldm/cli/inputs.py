@@ -7,14 +7,12 @@ import argparse
 import os
 import sys
 import tempfile
-import warnings
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from ldm import fast, samplers, schedules
-from ldm.cli import limits, sdxl
+from ldm.cli import images, limits, sdxl
 from ldm.cli.flags import DEFAULT_TILE_OVERLAP, DPM_SOLVER, PRECISIONS, CLIError
 from ldm.samplers import SAMPLERS
 
@@ -180,53 +178,16 @@ def read_prompts(opts: argparse.Namespace) -> list[str]:
     return lines
 
 
-# PIL modes whose samples are not 8-bit: (scale to [0, 1], what the mode is); others go through convert("RGB")
-_WIDE_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0}
-
-
-def _read_rgb(image: Image.Image, path: str, size: tuple[int, int] | None) -> np.ndarray:
-    """(H, W, 3) float32 in [0, 1], resized to `size` (w, h) with LANCZOS; 8-bit modes as the original
-    (convert("RGB"), resize, / 255), 16-bit ones scaled by their real range instead of clipped to white."""
-    mode = image.mode
-    scale = _WIDE_MODES.get(mode)
-    if mode == "I":  # 32-bit integers: Pillow's mode for 16-bit PNG/TIFF greyscale on some versions
-        extrema = image.getextrema()
-        if extrema[0] < 0 or extrema[1] > 65535:
-            raise CLIError(f"init image {path} has 32-bit integer samples ({extrema[0]}..{extrema[1]}) whose range "
-                           "is not known; save it with 8 or 16 bits per sample")
-        scale = 65535.0
-    if mode == "F":
-        raise CLIError(f"init image {path} has floating-point samples (PIL mode F) whose range is not known; save it "
-                       "with 8 or 16 bits per sample")
-    if scale is None:
-        rgb = image.convert("RGB")
-        if size is not None:
-            rgb = rgb.resize(size, resample=Image.LANCZOS)
-        return np.asarray(rgb).astype(np.float32) / 255.0
-    grey = Image.fromarray(np.asarray(image, dtype=np.float32) / scale, mode="F")
-    if size is not None:
-        grey = grey.resize(size, resample=Image.LANCZOS)
-    return np.repeat(np.clip(np.asarray(grey), 0.0, 1.0)[:, :, None], 3, axis=2)
-
-
 def load_init_image(path: str, width: int | None = None, height: int | None = None) -> torch.Tensor:
     """(1, 3, H, W) in [-1, 1]; as img2img.py load_img: RGB, size rounded down to a multiple of 32 (or
     the given size), LANCZOS resampling. 16-bit greyscale is scaled by 1/65535; images beyond PIL's
-    decompression-bomb limit and samples of unknown range (float, 32-bit) are refused."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                w, h = (width, height) if width is not None else \
-                    (image.width - image.width % 32, image.height - image.height % 32)
-                if w == 0 or h == 0:
-                    raise CLIError(f"init image {path} is smaller than 32x32")
-                image.load()
-                array = _read_rgb(image, path, (w, h))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise CLIError(f"init image {path} is too large to decode: {e}") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise CLIError(f"cannot read init image {path}: {e}") from None
+    decompression-bomb limit and samples of unknown range (float, 32-bit) are refused (ldm/cli/images.py)."""
+    with images.opened(path, "init image") as image:
+        w, h = (width, height) if width is not None else \
+            (image.width - image.width % 32, image.height - image.height % 32)
+        if w == 0 or h == 0:
+            raise CLIError(f"init image {path} is smaller than 32x32")
+        array = images.unit_rgb(image, path, "init image", (w, h))
     return 2.0 * torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None] - 1.0
 
 

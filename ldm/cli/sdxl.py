@@ -17,9 +17,10 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ldm import schedules
+from ldm.cli import images
 from ldm.cli.flags import CLIError, FamilyDefault
 from ldm.pipeline import FAMILY_DEFAULTS
 
@@ -158,11 +159,7 @@ def value_dict(opts: argparse.Namespace) -> dict | None:
 def load_init_image(path: str, width: int | None = None, height: int | None = None) -> torch.Tensor:
     """(1, 3, H, W) in [-1, 1] as the demo's load_img: RGB, resized (PIL's default filter, bicubic) to the
     size rounded down to a multiple of 64 (or the given size), then x / 127.5 - 1."""
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise CLIError(f"cannot read init image {path}: {e}") from None
+    image = Image.fromarray(images.read_uint8(path, "init image", "RGB"))  # 16-bit: by its real range
     w, h = (width, height) if width is not None else (image.width - image.width % 64, image.height - image.height % 64)
     if w == 0 or h == 0:
         raise CLIError(f"init image {path} is smaller than 64x64")
