@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ldm.checkpoint import (CheckpointError, Placeholder, UnsafeCheckpointError, read_checkpoint,
-                            read_state_dict)
+from ldm.checkpoint import CheckpointError, UnsafeCheckpointError, read_checkpoint, read_state_dict
+from ldm.unpickler import Placeholder
 
 
 def _tensors():
