@@ -225,10 +225,13 @@ def test_from_file_batches_prompts(tiny, tmp_path, capsys):
     assert [(f["Prompt"], f["Batch number"], f["Batch pos"]) for f in got] == \
         [("one", "0", "0"), ("two", "0", "1"), ("three", "1", "0")]
     # rerun replays batch 0 with "three" instead of [one, two]: the noise it draws does not depend on the
-    # prompts, so the image of batch 1 comes out bit-exact
+    # prompts, so the image of batch 1 comes out the same. Bit-exact on AVX2 and AMX CPUs; with oneDNN's AVX-512
+    # kernels (an AMD EPYC) a replay whose EARLIER batches held other prompts measured 1 uint8 level on 0.13% of
+    # the values (ONEDNN_MAX_CPU_ISA=AVX2 there: bit-exact), so one level is the bound, and few values may move
     rerun.main([str(outputs[2]), "--config", tiny[0], "--ckpt", tiny[1], "--outdir", str(tmp_path / "re"),
                 "--device", "cpu"])
-    assert np.array_equal(pixels(tmp_path / "re" / "00000.png"), pixels(outputs[2]))
+    replayed, original = pixels(tmp_path / "re" / "00000.png").astype(int), pixels(outputs[2]).astype(int)
+    assert np.abs(replayed - original).max() <= 1 and (replayed != original).mean() < 0.01
     capsys.readouterr()
 
 

@@ -218,8 +218,10 @@ def test_conditioner_matches_sgm(models, reference, name):
         for key, value in cond.items():
             expected = ref[f"{name}.{tag}.{key}"]
             # CLIP-L's attention: fused SDPA here, eager softmax in transformers (1.4e-6 measured); open_clip's
-            # tower and the size / score embeddings are the same ops (0 measured)
-            assert_close(value, expected, 5e-6 if key == "crossattn" and name == "base" else 0.0, f"{tag}.{key}")
+            # tower and the size / score embeddings are the same ops (0 measured on the CPU that made the
+            # fixture; on an AVX-512 AMD EPYC the same ops sum in another order: up to 1.3e-6), so float32
+            # rounding of a ~1e0 value over a few dozen layers bounds them all
+            assert_close(value, expected, 5e-6, f"{tag}.{key}")
     zero = ref[f"{name}.uncond_zero.vector"]
     pooled = 32  # the tiny bigG's embed_dim: the text part of the vector, zeroed
     assert zero[:, :pooled].abs().max() == 0 and zero[:, pooled:].abs().max() > 0
