@@ -1,32 +1,35 @@
-"""Opt-in fast paths for inference; the plain modules stay the default and the reference.
+"""Fast paths for inference; the plain modules stay the library's default and the reference.
 
 None of these changes the model's math; each only changes how or where it is computed:
 
-- `prepack(module)`: CPU, float32. Every Conv2d and Linear keeps a copy of its weight reordered once into
-  oneDNN's blocked layout and runs oneDNN's inference kernels on it. The plain `F.conv2d`/`F.linear`
-  reorder the weight on EVERY call; at 256 px a full-size UNet step moves more weight bytes than activation
-  bytes, so this pays most in the low-resolution levels (1280-channel 3x3 convs at 4x4: about 3x). The same
-  reordering is what torch.compile does with inductor's `freezing` on CPU. Measured: README, Speed (the
-  tables come from scripts/bench.py runs, with the command that made them). Costs one
-  extra copy of the weights (`packed_bytes`: +3.3 GB for the SD v1 UNet). Packed convolutions output
-  channels-last activations.
+- `prepack(module)` (ldm/prepack.py): CPU, float32. Every Conv2d and Linear runs oneDNN's inference kernels on
+  its weight reordered once into oneDNN's blocked layout, which REPLACES the plain copy (no second copy of the
+  weights; `state_dict()` still returns the plain layout). Measured: README, Speed.
 - `channels_last(module)`: 4-D weights re-laid out (not duplicated) in channels-last order, so oneDNN / cuDNN
   convolutions run NHWC (activations follow the weights) without per-call layout conversion.
 - `compile_module(module)`: torch.compile of the module's forward in place (state_dict keys unchanged).
 - `SequentialOffload`: text encoder, UNet and VAE live on an offload device (CPU) and move to the execution
   device only while they run, for accelerators too small to hold all three.
 
+`default_options(device, dtype)` is the command line's choice (`--fast auto`, its default): the one place that
+decides, so that scripts/bench.py measures exactly what the CLI runs.
+
 Numerics: the oneDNN kernels sum in a different order than the plain ones; at float32 the results differ in
-the last bits (max relative error ~1e-6 per layer; tests/test_fast_paths.py bounds the whole models).
+the last bits (max relative error ~1e-6 per layer; tests/test_fast_paths.py bounds the whole models,
+tests/test_fast_default.py the CLI's images on every sampler).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ldm import prepack as packing
+from ldm.prepack import PackedConv2d, PackedLinear, packed_bytes, plain_weight_bytes, prepack_supported, unpack
+
+__all__ = ["configure", "default_options", "prepack", "unpack", "packed_bytes", "plain_weight_bytes",
+           "prepack_supported", "PackedConv2d", "PackedLinear", "channels_last", "compile_module",
+           "SequentialOffload"]
 
 # ------------------------------------------------------------------------------------------- one entry point
 
@@ -61,126 +64,33 @@ def configure(model: nn.Module, *, attention: str | None = None, slice_size: int
     return None
 
 
-# ---------------------------------------------------------------------------------------------- prepack
+# ------------------------------------------------------------------------------------------- the default
 
 
-def prepack_supported() -> bool:
-    """Whether this torch build has the oneDNN inference ops that `prepack` uses."""
-    ops = torch.ops.mkldnn
-    return (torch.backends.mkldnn.is_available()
-            and all(hasattr(ops, name) for name in ("_reorder_convolution_weight", "_convolution_pointwise",
-                                                    "_reorder_linear_weight", "_linear_pointwise")))
+def default_options(device: torch.device | str, dtype: torch.dtype) -> dict:
+    """`configure`'s keyword arguments that the command line uses by default (`--fast auto`) on `device` in
+    `dtype`; `{}` is the plain path.
+
+    CPU float32: prepacked weights (`prepack`): a UNet step 0.78x and txt2img 0.75x of the plain path's time at
+    256 px on 2 cores (README, Speed), with the same peak memory (the packed copy replaces the plain one), and
+    images within one uint8 level of the plain path on every sampler (tests/test_fast_default.py). Everything
+    else, the plain path: bfloat16 packing is not implemented, channels_last measured slower on the CPU, and the
+    accelerator paths (channels_last, compile) are unmeasured until a GPU check runs (scripts/gpu_check.sh)."""
+    device = torch.device(device)
+    if device.type == "cpu" and dtype == torch.float32 and prepack_supported(dtype):
+        return {"prepack_weights": True}
+    return {}
 
 
-def _use_packed(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    # The oneDNN ops are inference-only (no autograd) and, on CPUs without AVX-512 or AMX, float32-only;
-    # everything else takes the plain path.
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return (x.device.type == weight.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and torch.backends.mkldnn.enabled and not needs_grad)
-
-
-class _Packed(nn.Module):
-    """Holds the SAME weight/bias Parameters as the wrapped module (so state_dict keys, storage and `.to()`
-    behave as before) plus a packed copy, built on first use and rebuilt when the weight or the input shape
-    changes. The input shape matters: oneDNN chooses the weight's blocked layout for the problem size, and a
-    weight packed for another size gets reordered again inside EVERY call by a generic (slow) reorder,
-    measured 10x slower than the plain layer for a 1920->1280 3x3 conv at 8x8. As inductor does, pack for
-    the actual input size; a model run at one resolution and batch size packs once."""
-
-    def __init__(self, plain: nn.Module):
-        super().__init__()
-        self.weight = plain.weight
-        self.bias = plain.bias
-        self._plain = (plain,)  # a tuple: not registered as a submodule, so no duplicate keys; see unpack()
-        self._packed, self._packed_for = None, None
-
-    @property
-    def plain(self) -> nn.Module:
-        return self._plain[0]
-
-    def packed_weight(self, x: torch.Tensor) -> torch.Tensor:
-        key = (self.weight.data_ptr(), self.weight._version, self.weight.shape, x.shape)
-        if self._packed_for != key:
-            self._packed = None  # free the old copy before building the new one
-            self._packed = self._pack(self.weight.detach(), x.shape)
-            self._packed_for = key
-        return self._packed
-
-    def extra_repr(self) -> str:
-        return f"prepacked {self.plain!r}"
-
-
-class PackedConv2d(_Packed):
-    def _pack(self, weight: torch.Tensor, input_shape: torch.Size) -> torch.Tensor:
-        conv = self.plain
-        return torch.ops.mkldnn._reorder_convolution_weight(weight, list(conv.padding), list(conv.stride),
-                                                           list(conv.dilation), conv.groups, list(input_shape))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        conv = self.plain
-        if x.dim() != 4 or not _use_packed(x, self.weight):
-            return conv(x)
-        return torch.ops.mkldnn._convolution_pointwise(x, self.packed_weight(x), self.bias, list(conv.padding),
-                                                       list(conv.stride), list(conv.dilation), conv.groups,
-                                                       "none", [], "")
-
-
-class PackedLinear(_Packed):
-    def _pack(self, weight: torch.Tensor, input_shape: torch.Size) -> torch.Tensor:
-        rows = math.prod(input_shape[:-1])  # the GEMM's M, oneDNN's blocking hint
-        return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() < 2 or not _use_packed(x, self.weight):
-            return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight(x), self.bias, "none", [], "")
-
-
-def _packable(m: nn.Module) -> bool:
-    # string padding ("same") and non-zero padding modes have no oneDNN equivalent here; none in SD uses them
-    if type(m) is nn.Conv2d:
-        return m.padding_mode == "zeros" and not isinstance(m.padding, str)
-    return type(m) is nn.Linear
-
-
-def _replace_children(module: nn.Module, swap) -> int:
-    count = 0
-    for parent in module.modules():
-        for name, child in list(parent.named_children()):
-            new = swap(child)
-            if new is not child:
-                setattr(parent, name, new)
-                count += 1
-    return count
+# ---------------------------------------------------------------------------------------- prepack
 
 
 def prepack(module: nn.Module) -> nn.Module:
-    """Run every Conv2d/Linear of `module` on oneDNN-prepacked weights on CPU (float32); see the module
-    docstring. In place; returns `module`. Other devices and dtypes fall through to the plain layers."""
-    if not prepack_supported():
-        raise RuntimeError("prepack needs a torch build with oneDNN (mkldnn) inference ops")
-
-    def swap(m):
-        if not _packable(m):
-            return m
-        return PackedConv2d(m) if isinstance(m, nn.Conv2d) else PackedLinear(m)
-
-    _replace_children(module, swap)
+    """ldm.prepack.prepack, and the outputs of the UNet and the VAE made contiguous (packed convolutions hand
+    back channels-last activations). In place; returns `module`."""
+    packing.prepack(module)
     _contiguous_outputs(module)
     return module
-
-
-def unpack(module: nn.Module) -> nn.Module:
-    """Undo `prepack`: put the plain layers back and drop the packed copies."""
-    _replace_children(module, lambda m: m.plain if isinstance(m, _Packed) else m)
-    return module
-
-
-def packed_bytes(module: nn.Module) -> int:
-    """Memory held by the packed weight copies (built on first use)."""
-    return sum(m._packed.numel() * m._packed.element_size() for m in module.modules()
-               if isinstance(m, _Packed) and m._packed is not None)
 
 
 # ----------------------------------------------------------------------------------------- channels_last

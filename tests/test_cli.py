@@ -251,7 +251,7 @@ def test_speed_flags_keep_the_images_and_are_replayed(tiny, tmp_path, capsys):
     speed = ["--attention", "sliced", "--attention_slice", "7", "--channels_last", "--vae_slice", "1"]
     if fast.prepack_supported():
         speed.append("--prepack")
-    for name, extra in (("plain", []), ("fast", speed)):
+    for name, extra in (("plain", ["--fast", "none"]), ("fast", speed)):
         cli.txt2img_main(small(tiny, tmp_path / name, "--skip_grid", *extra))
     plain, fast_path = (sorted((tmp_path / name / "samples").iterdir()) for name in ("plain", "fast"))
     for a, b in zip(plain, fast_path):

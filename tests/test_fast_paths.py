@@ -68,48 +68,78 @@ def test_prepack_matches_plain(name, parts, request):
     # v1: conv proj_in/proj_out and every network; v2: linear proj_in on a non-contiguous (B, H*W, C) view
     model = request.getfixturevalue(name)
     plain = outputs(model, parts)
-    state = model.state_dict()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     fast.prepack(model)
     try:
         assert any(isinstance(m, fast.PackedConv2d) for m in model.modules())
         assert any(isinstance(m, fast.PackedLinear) for m in model.modules())
-        # same keys, and the very same storage: no copy of the plain weights, nothing renamed
-        packed_state = model.state_dict()
-        assert list(packed_state) == list(state)
-        assert all(packed_state[k].data_ptr() == v.data_ptr() for k, v in state.items())
         packed = outputs(model, parts)
+        # the packed weights REPLACE the plain ones of every layer that ran: no second copy
         assert fast.packed_bytes(model) > 0
+        if name == "model":
+            assert fast.plain_weight_bytes(model.unet) == 0 and fast.plain_weight_bytes(model.vae.decoder) == 0
         for part in plain:
             assert packed[part].is_contiguous(), part
             assert rel_err(packed[part], plain[part]) < 1e-5, part
+        # state_dict: the same keys in the same order, the plain layout and the very same values; the model
+        # stays packed
+        packed_state = model.state_dict()
+        assert list(packed_state) == list(state)
+        assert all(torch.equal(packed_state[k], v) and packed_state[k].layout == torch.strided
+                   for k, v in state.items())
+        assert fast.packed_bytes(model) > 0
     finally:
         fast.unpack(model)
-    assert not any(isinstance(m, fast._Packed) for m in model.modules())
-    assert model.state_dict().keys() == state.keys()
+    assert not any(isinstance(m, fast.PackedConv2d | fast.PackedLinear) for m in model.modules())
+    assert list(model.state_dict()) == list(state)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     assert torch.equal(outputs(model, ("unet",))["unet"], plain["unet"])  # the plain kernels again
 
 
 @needs_prepack
-def test_prepack_follows_weight_changes_and_falls_back(model):
-    conv = model.unet.input_blocks[0][0]
-    packed = fast.PackedConv2d(conv)
+def test_packed_layer_gives_the_plain_layout_back_when_asked():
+    torch.manual_seed(0)
+    conv, lin = nn.Conv2d(4, 8, 3, padding=1).requires_grad_(False), nn.Linear(8, 6).requires_grad_(False)
+    reference = copy.deepcopy(conv)
+    layer = fast.PackedConv2d(conv)
     x = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
-        first = packed(x)
-        conv.weight.mul_(2.0)  # in place: the packed copy must be rebuilt
-        second = packed(x)
-        conv.weight.div_(2.0)
-    bias = conv.bias[None, :, None, None]
-    assert rel_err(second - bias, 2 * (first - bias)) < 1e-6
-    # a new input size repacks (oneDNN picks the blocked layout per problem size); values must not change
-    x2 = torch.randn(2, 4, 6, 10)
-    with torch.no_grad():
-        assert rel_err(packed(x2), conv(x2)) < 1e-6
-    assert packed._packed_for[-1] == x2.shape
+        first = layer(x)
+        assert "weight" not in layer._parameters and layer._packed is not None  # released, replaced
+        assert [n for n, _ in layer.named_parameters()] == ["bias"]
+        # deepcopy (and pickle) see the plain layout and leave the original packed
+        clone = copy.deepcopy(layer)
+        assert layer._packed is not None and torch.equal(clone.weight, reference.weight)
+        # reading .weight unpacks (LoRA merging reads it); an in-place change is then seen by the next call
+        layer.weight.mul_(2.0)
+        assert layer._packed is None and "weight" in layer._parameters
+        second = layer(x)
+        bias = reference.bias[None, :, None, None]
+        assert rel_err(second - bias, 2 * (first - bias)) < 1e-6
+        # a new Parameter assigned while packed replaces the packed copy (lora.activate does this)
+        layer.weight = nn.Parameter(reference.weight.clone(), requires_grad=False)
+        assert rel_err(layer(x), first) < 1e-6
+        # a new input size repacks (oneDNN picks the blocked layout per problem size); values must not change
+        x2 = torch.randn(2, 4, 6, 10)
+        assert rel_err(layer(x2), reference(x2)) < 1e-6 and layer._packed_for == x2.shape
+        # load_state_dict into a packed layer, and .to(): the plain layout first
+        layer.load_state_dict({"weight": 3 * reference.weight, "bias": reference.bias})
+        assert rel_err(layer(x) - bias, 3 * (first - bias)) < 1e-6
+        layer.to(torch.float64)
+        assert layer.weight.dtype == torch.float64 and layer._packed is None
+        # plain kernels in float64, against the float32 `first`: float32 rounding
+        assert rel_err(layer(x.double()) - bias, 3 * (first - bias).double()) < 1e-6
+        layer.to(torch.float32)
     # with gradients required the plain (autograd-capable) layer runs
     xg = x.clone().requires_grad_(True)
-    packed(xg).sum().backward()
+    layer(xg).sum().backward()
     assert xg.grad is not None and xg.grad.abs().sum() > 0
+    lin_reference = copy.deepcopy(lin)
+    packed_lin = fast.PackedLinear(lin)
+    y = torch.randn(3, 5, 8)
+    with torch.no_grad():
+        assert rel_err(packed_lin(y), lin_reference(y)) < 1e-6 and packed_lin._packed is not None
+    assert torch.equal(packed_lin.state_dict()["weight"], lin_reference.weight)
 
 
 def test_channels_last_matches_plain(model_v2):

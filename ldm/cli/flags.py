@@ -172,16 +172,22 @@ def add_control_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_speed_flags(p: argparse.ArgumentParser) -> None:
-    """Opt-in fast and memory-saving paths (ldm/fast.py, ldm/tiling.py); every one is off by default. Those
+    """Fast and memory-saving paths (ldm/fast.py, ldm/tiling.py): `--fast auto` (the default) turns on what
+    ldm.fast.default_options picks for the device and precision; every other one is off unless asked for. Those
     that can change an image's pixels are recorded in its PNG and replayed by rerun.py (record.FAST_FIELDS)."""
-    g = p.add_argument_group("speed and memory (opt-in; see README, Speed)")
+    g = p.add_argument_group("speed and memory (see README, Speed)")
+    g.add_argument("--fast", choices=("auto", "none"), default="auto",
+                   help="auto (default): add the fast paths measured best for --device and --precision "
+                        "(ldm.fast.default_options; CPU float32: --prepack); none: the plain path plus the "
+                        "flags given. Images stay within one uint8 level of the plain path; the PNG records "
+                        "what ran")
     g.add_argument("--attention", choices=ATTENTION_BACKENDS, default=None,
                    help="attention kernel: sdpa (default; fused kernels), sliced (bounded memory), math (reference)")
     g.add_argument("--attention_slice", type=int, default=None,
                    help=f"query rows per chunk of --attention sliced (default {DEFAULT_SLICE_SIZE}; implies sliced)")
     g.add_argument("--prepack", action="store_true",
                    help="CPU, float32: run convolutions and linear layers on weights prepacked once for oneDNN "
-                        "(faster; holds a second copy of those weights)")
+                        "(faster; the packed weights replace the plain ones; on by default with --fast auto)")
     g.add_argument("--channels_last", action="store_true", help="channels-last (NHWC) convolutions")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet and the VAE decoder (the first step of a new size compiles)")

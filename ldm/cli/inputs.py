@@ -106,7 +106,10 @@ def validate(opts: argparse.Namespace, mode: str) -> None:
 
 
 def validate_speed_flags(opts: argparse.Namespace) -> None:
-    """Check the opt-in paths against each other and the device; fills in implied values."""
+    """Check the opt-in paths against each other and the device; fills in implied values and, with --fast auto,
+    the device's defaults."""
+    if getattr(opts, "fast", "none") == "auto":
+        apply_fast_default(opts)
     if opts.attention_slice is not None:
         if opts.attention not in (None, "sliced"):
             raise CLIError(f"--attention_slice applies to --attention sliced (got --attention {opts.attention})")
@@ -127,6 +130,20 @@ def validate_speed_flags(opts: argparse.Namespace) -> None:
             raise CLIError("--prepack needs a torch build with oneDNN (mkldnn); this one has none")
     if opts.offload and opts.device.type == "cpu":
         raise CLIError("--offload moves the models between CPU memory and an accelerator; --device is the CPU")
+
+
+# ldm.fast.configure's keyword -> the flag that asks for it
+FLAG_OF_OPTION = {"prepack_weights": "prepack", "memory_format_cl": "channels_last", "compile_networks": "compile"}
+
+
+def apply_fast_default(opts: argparse.Namespace) -> None:
+    """--fast auto: turn on the flags of ldm.fast.default_options(device, dtype), so that the CLI runs what the
+    benchmark measures. A --compile run keeps its own choice (inductor packs weights itself)."""
+    for option, value in fast.default_options(opts.device, PRECISIONS[opts.precision]).items():
+        flag = FLAG_OF_OPTION[option]
+        if option == "prepack_weights" and opts.compile:
+            continue
+        setattr(opts, flag, value)
 
 
 MAX_PROMPT_FILE = 16 << 20  # bytes of --from-file: ~100,000 prompts

@@ -131,6 +131,7 @@ def rerun(args: argparse.Namespace) -> None:
                        "--refiner_ckpt" if "Refiner hash" in fields else "the image was made without a refiner")
     if args.refiner_ckpt is not None:
         opts.refiner_config, opts.refiner_ckpt = args.refiner_config, args.refiner_ckpt
+    opts.fast = "none"  # exactly the paths the PNG records (none recorded: the plain path), not today's defaults
     if opts.prepack and inputs.resolve_device(opts.device).type != "cpu":
         opts.prepack = False  # a CPU-only path; elsewhere the plain kernels (rounding may differ anyway)
     for name, flag, field, given in (("init_img", "--init-img", "Init image", args.init_img),
