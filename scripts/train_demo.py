@@ -22,6 +22,7 @@ same command again. Deterministic given --seed on CPU (same thread count).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -46,9 +47,16 @@ from ldm.demo import DEMO_CONFIG as CONFIG  # noqa: E402
 from ldm.demo import DEMO_REPORT as REPORT  # noqa: E402
 
 
-def world_data(n: int, generator: torch.Generator):
-    images, captions, _ = world.batch(n, generator, split="train")
-    return images, captions
+def world_data(n: int, generator: torch.Generator, attr_dropout: float = 0.0):
+    """n training images and captions; with `attr_dropout` each attribute of a caption is left unsaid with that
+    probability (the image still shows it), so that each word has to carry its own attribute: a caption that
+    names the shape but not the colour teaches the shape word alone (see README, The demo model)."""
+    images, _, attrs = world.batch(n, generator, split="train")
+    if not attr_dropout:
+        return images, [a.caption() for a in attrs]
+    drop = torch.rand(n, len(world.ATTRIBUTE_NAMES), generator=generator) < attr_dropout
+    return images, [a.caption(tuple(name for name, d in zip(world.ATTRIBUTE_NAMES, row) if d))
+                    for a, row in zip(attrs, drop.tolist())]
 
 
 def parse_args(argv=None):
@@ -97,6 +105,8 @@ def parse_args(argv=None):
     p.add_argument("--latent-pool", type=int, default=8192,
                    help="encode this many training images once and draw batches from their posteriors (0: "
                         "encode every batch)")
+    p.add_argument("--attr-dropout", type=float, default=0.0,
+                   help="probability of leaving each attribute out of a training caption (UNet stage)")
     p.add_argument("--ckpt-every", type=int, default=200)
     p.add_argument("--no-score", action="store_true", help="skip the final prompt-adherence evaluation")
     return p.parse_args(argv)
@@ -158,7 +168,8 @@ def train_diffusion(args, work: Path) -> dict:
                               torch.Generator().manual_seed(args.seed + 2))
     vae_state = torch.load(work / "autoencoder.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     model.first_stage_model.load_state_dict(vae_state, strict=True)
-    trainer = DiffusionTrainer(model, world_data, opts, args.device)
+    data = functools.partial(world_data, attr_dropout=args.attr_dropout)
+    trainer = DiffusionTrainer(model, data, opts, args.device)
     if ckpt.exists():
         trainer.resume(ckpt)
     start = time.time()

@@ -85,8 +85,14 @@ class Attributes:
         if self.colour == self.background:
             raise ValueError(f"shape colour equals background colour ({self.colour!r}): nothing to see")
 
-    def caption(self) -> str:
-        return f"a {self.colour} {self.shape} on a {self.background} background, {self.position}"
+    def caption(self, omit: tuple[str, ...] = ()) -> str:
+        """The full caption, or with the attributes named in `omit` left unsaid (a training augmentation,
+        scripts/train_demo.py --attr-dropout: "a circle on a blue background, top left", "a red shape on ...",
+        "a red circle, top left", "a red circle on a blue background"). Only full captions parse back."""
+        text = f"a {'' if 'colour' in omit else self.colour + ' '}{'shape' if 'shape' in omit else self.shape}"
+        if "background" not in omit:
+            text += f" on a {self.background} background"
+        return text if "position" in omit else f"{text}, {self.position}"
 
     def as_dict(self) -> dict:
         return asdict(self)
