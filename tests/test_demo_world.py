@@ -244,3 +244,17 @@ def test_out_of_world_images_are_rejected():
     for name, mask in not_shapes.items():
         description = evaluate.describe_image(picture(mask, (230, 30, 30)))
         assert description["shape"] is None and description["colour"] == "red", name
+
+
+def test_captions_with_attributes_left_unsaid():
+    # scripts/train_demo.py --attr-dropout: each omitted attribute disappears from the caption, nothing else
+    attrs = Attributes("red", "circle", "blue", "top left")
+    assert attrs.caption(()) == attrs.caption()
+    assert attrs.caption(("colour",)) == "a circle on a blue background, top left"
+    assert attrs.caption(("shape",)) == "a red shape on a blue background, top left"
+    assert attrs.caption(("background",)) == "a red circle, top left"
+    assert attrs.caption(("position",)) == "a red circle on a blue background"
+    assert attrs.caption(world.ATTRIBUTE_NAMES) == "a shape"
+    for omit in (("colour",), ("shape",), ("background",), ("position",)):
+        with pytest.raises(ValueError):  # the evaluator's grammar stays the full caption
+            world.parse_prompt(attrs.caption(omit))
