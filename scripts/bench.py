@@ -1,10 +1,13 @@
 """Speed and memory of ldm against diffusers: the same random full-size weights, one process, alternating.
 
-    .venv-ref/bin/python scripts/bench.py --device cpu --size 256 --json bench-cpu.json
+    .venv-ref/bin/python scripts/bench.py --device cpu --size 256 --json bench-cpu.json --markdown bench-cpu.md
     .venv-ref/bin/python scripts/bench.py --device cuda --matrix          # 512 px v1, 768 px v2, 1024 px SDXL
     .venv-ref/bin/python scripts/bench.py --config configs/sgm/sd_xl_base.yaml --parts unet --model_channels 128
+    .venv/bin/python scripts/bench.py --diffusers "" --config tests/configs/tiny-v1.yaml --size 32 --rounds 1
 
-diffusers and transformers are benchmark dependencies only (.venv-ref); ldm never imports them.
+diffusers and transformers are benchmark dependencies only (.venv-ref); ldm never imports them. With
+`--diffusers ""` only ldm's variants run (no peer, no ratios; parity against the first ldm variant) and neither
+package is imported, so the bench also runs in .venv (scripts/gpu_check.sh --dry-run does, as CI).
 
 What is built. A random checkpoint in the ORIGINAL key layout for the config (UNet, VAE and the text encoder
 of v1; fan-in scaled uniform weights, norms near 1, small biases, so activations stay O(1)). ldm loads it
@@ -13,11 +16,18 @@ checkpoints (single_file_utils create_*_diffusers_config_from_ldm + convert_ldm_
 transformers' CLIPTextModel takes the text tower's keys minus the `cond_stage_model.transformer.` prefix. All
 models are built on the meta device and adopt the checkpoint tensors (load_state_dict(assign=True)), so the
 variants share ONE copy of the weights; a variant that re-lays out weights (prepack, channels_last) adds its
-own copy, reported as "weights+" in MB.
+own copy, reported as "weights+" in MB. `ldm+default` is the model as the command line configures it by default
+(`ldm.fast.configure(model, **ldm.fast.default_options(device, dtype))`, `--fast auto`).
+weights+ of prepacked layers is logical: packed bytes minus the plain bytes those layers released. A loaded
+model frees a released plain weight; here the shared checkpoint dict keeps it alive, so the process's RSS
+would count it twice.
 
 What is measured, per part, each variant once per round, rounds alternating so all suffer the same load:
   unet   one classifier-free-guidance step: UNet forward on batch 2 (cond + uncond), 77-token context
   vae    VAE decode of one latent
+  text   the text encoder's forward on the CFG batch (the prompt and "": 2 x 77 token ids, tokenized once,
+         untimed): ldm's cond stage against transformers' CLIPTextModel on the same ids. v1 configs only
+         (v2's OpenCLIP tower has no transformers equivalent that takes its weights as they are).
   e2e    txt2img: text encoder (cond + empty uncond), --steps DDIM steps with guidance 7.5, VAE decode.
          ldm: ldm.pipeline.txt2img. diffusers: transformers CLIPTextModel on the same token ids, then
          StableDiffusionPipeline(prompt_embeds=..., negative_prompt_embeds=...) with the original DDIM
@@ -31,11 +41,14 @@ Reported: median wall ms and median process CPU ms per call, ldm/diffusers ratio
 memory during the call (CPU: peak RSS of the whole process and its rise over the pre-call RSS; accelerator:
 max allocated and its rise; the least over the rounds, i.e. steady state). The first output of every
 variant is compared with diffusers' first variant (max abs difference / max abs value; e2e also max abs
-difference of the [0, 1] images). The unet and vae parts start with one untimed warm-up round; e2e does not
+difference of the [0, 1] images). The unet, vae and text parts start with one untimed warm-up round; e2e does not
 (it is long), so its first round includes one-time costs such as packing weights.
-Roofline (with the unet part): the UNet's FLOPs per CFG step (counted, see unet_step_flops), the device's
-dense matmul peak in the bench dtype measured in the same run, and the fraction of that peak each variant's
-UNet step reaches.
+Roofline (with the unet, vae and text parts): each part's FLOPs per call (counted on the meta device, see
+count_flops), the device's dense matmul peak in the bench dtype measured in the same run, and the fraction of
+that peak each variant reaches on each part.
+`--markdown FILE` writes the run as a markdown table (markdown_report), rewritten after every config, as is
+`--json`, so a matrix cut short by a timeout keeps what completed; a config that fails is recorded and the
+others still run (exit status 1 at the end).
 
 SDXL (an sgm config, configs/sgm/sd_xl_base.yaml): the unet, vae and profile parts on the UNet and VAE alone
 (the text towers are not built). diffusers' UNet2DConditionModel comes from the same original-layout weights
@@ -55,9 +68,11 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -75,11 +90,12 @@ from ldm.models.tokenizer import tokenize  # noqa: E402
 from ldm.models.unet import timestep_embedding  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"
+# fp16 of every model first: a matrix cut short by a time limit (scripts/gpu_check.sh) keeps those rows
 MATRIX = [("configs/stable-diffusion/v1-inference.yaml", 512, "float16"),
-          ("configs/stable-diffusion/v1-inference.yaml", 512, "bfloat16"),
           ("configs/stable-diffusion/v2-inference-v.yaml", 768, "float16"),
-          ("configs/stable-diffusion/v2-inference-v.yaml", 768, "bfloat16"),
           ("configs/sgm/sd_xl_base.yaml", 1024, "float16"),
+          ("configs/stable-diffusion/v1-inference.yaml", 512, "bfloat16"),
+          ("configs/stable-diffusion/v2-inference-v.yaml", 768, "bfloat16"),
           ("configs/sgm/sd_xl_base.yaml", 1024, "bfloat16")]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -179,19 +195,20 @@ def sdxl_inputs(cfg, batch: int, g: torch.Generator) -> dict:
     return {"pooled": pooled, "time_ids": time_ids, "y": y}
 
 
-def ldm_variant(cfg, ckpt: dict, spec: str, device: torch.device) -> torch.nn.Module:
-    """A LatentDiffusion (SDXL: its UNet and VAE) on the shared tensors, with the opt-in fast paths named in
-    `spec` ("ldm", "ldm+prepack", "ldm+channels_last+sliced", ...)."""
+def ldm_variant(cfg, ckpt: dict, spec: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """A LatentDiffusion (SDXL: its UNet and VAE) on the shared tensors, with the fast paths named in
+    `spec` ("ldm", "ldm+default", "ldm+prepack", "ldm+channels_last+sliced", ...)."""
     model = adopt(bench_model(cfg), ckpt)
-    if is_sgm(cfg):
-        return apply_options(model, spec)
-    model.alphas_cumprod = model.alphas_cumprod.to(device)
-    return apply_options(model, spec)
+    if not is_sgm(cfg):
+        model.alphas_cumprod = model.alphas_cumprod.to(device)
+    return apply_options(model, spec, device, dtype)
 
 
-def apply_options(model: torch.nn.Module, spec: str) -> torch.nn.Module:
+def apply_options(model: torch.nn.Module, spec: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     for option in spec.split("+")[1:]:
-        if option == "prepack":
+        if option == "default":  # what the command line runs (--fast auto)
+            fast.configure(model, **fast.default_options(device, dtype))
+        elif option == "prepack":
             fast.prepack(model)
         elif option == "channels_last":
             fast.channels_last(model)
@@ -306,10 +323,13 @@ class Meter:
         return peak, peak - self.base
 
 
-def weight_mb(module: torch.nn.Module, shared: set[int]) -> float:
-    """Memory the variant holds beyond the shared checkpoint tensors (re-laid-out or packed copies)."""
+def weight_mb(module: torch.nn.Module, shared: set[int], plain_bytes_built: int = 0) -> float:
+    """Memory the variant holds beyond the shared checkpoint tensors: re-laid-out copies, plus packed weights
+    minus the plain weights they replaced (`plain_bytes_built`: fast.plain_weight_bytes when the variant was
+    built). Logical: the shared checkpoint dict keeps a released plain tensor alive here, a loaded model not."""
     own = sum(p.numel() * p.element_size() for p in module.parameters() if p.untyped_storage().data_ptr() not in shared)
-    return (own + fast.packed_bytes(module)) / 2**20
+    released = plain_bytes_built - fast.plain_weight_bytes(module)
+    return (own + fast.packed_bytes(module) - released) / 2**20
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -338,13 +358,15 @@ def alternate(calls: dict, rounds: int, meter: Meter, warmup: bool) -> tuple[dic
     return outputs, samples
 
 
-def summarize(part: str, samples: dict, reference: str, extra: dict) -> list[dict]:
+def summarize(part: str, samples: dict, peer: str | None, extra: dict) -> list[dict]:
+    """One row per variant; ratio_vs_diffusers is None without a peer."""
     rows = []
-    ref = statistics.median(s["wall_ms"] for s in samples[reference]) if reference in samples else float("nan")
+    ref = statistics.median(s["wall_ms"] for s in samples[peer]) if peer in samples else None
     for name, runs in samples.items():
         wall = statistics.median(s["wall_ms"] for s in runs)
         rows.append({"part": part, "variant": name, "median_ms": wall,
-                     "cpu_ms": statistics.median(s["cpu_ms"] for s in runs), "ratio_vs_diffusers": wall / ref,
+                     "cpu_ms": statistics.median(s["cpu_ms"] for s in runs),
+                     "ratio_vs_diffusers": None if ref is None else wall / ref,
                      # steady state: the least over the rounds (a one-time cost such as building packed
                      # weights lands in the first call and is reported as weights_plus_mb)
                      "peak_mb": min(s["peak_mb"] for s in runs), "rise_mb": min(s["rise_mb"] for s in runs),
@@ -388,6 +410,15 @@ def bench_unet(cfg, models, dmodels, args, device, dtype, meter, h):
     return alternate(unet_calls(cfg, models, dmodels, device, dtype, h, args.seed), args.rounds, meter, warmup=True)
 
 
+def bench_text(cfg, models, dmodels, args, device, dtype, meter, h):
+    """The text encoder's forward on the CFG batch (prompt and "", ids from ldm's tokenizer, which follows
+    transformers' CLIPTokenizer for v1): ldm's cond stage and transformers' CLIPTextModel (last_hidden_state)."""
+    ids = next(iter(models.values())).cond_stage_model.tokenize([PROMPT, ""]).ids.to(device)
+    calls = {name: (lambda m=m: m.cond_stage_model(ids)) for name, m in models.items()}
+    calls.update({name: (lambda d=d: d["text"](ids).last_hidden_state) for name, d in dmodels.items()})
+    return alternate(calls, args.rounds, meter, warmup=True)
+
+
 def bench_vae(cfg, models, dmodels, args, device, dtype, meter, h):
     g = torch.Generator().manual_seed(args.seed + 2)
     z = (torch.randn(1, cfg.first_stage.embed_dim, h, h, generator=g) / cfg.scale_factor).to(device, dtype)
@@ -396,14 +427,16 @@ def bench_vae(cfg, models, dmodels, args, device, dtype, meter, h):
     return alternate(calls, args.rounds, meter, warmup=True)
 
 
-def bench_e2e(cfg, models, dmodels, args, device, dtype, meter, size):
+def bench_e2e(cfg, models, dmodels, args, device, dtype, meter, h):
+    f = tiling.upsampling_factor(next(iter(models.values())).vae)
+    size = h * f
     g = torch.Generator().manual_seed(args.seed + 3)
-    x_T = torch.randn(1, 4, size // 8, size // 8, generator=g)
+    x_T = torch.randn(1, 4, h, h, generator=g)
     # the token ids ldm's tokenizer gives (transformers' CLIPTokenizer convention), for transformers' encoder
     ids = [tokenize([p], 77, convention="transformers").ids.to(device) for p in (PROMPT, "")]
 
     def run_ldm(model):
-        return pipeline.txt2img(model, PROMPT, steps=args.steps, H=size, W=size, x_T=x_T, seed=0, disable=True)
+        return pipeline.txt2img(model, PROMPT, steps=args.steps, H=size, W=size, f=f, x_T=x_T, seed=0, disable=True)
 
     def run_diffusers(pipe):
         cond, uncond = (pipe.text_encoder(i).last_hidden_state for i in ids)
@@ -525,20 +558,42 @@ def fits(call) -> dict:
 # ---------------------------------------------------------------------------------------------- roofline
 
 
-def unet_step_flops(cfg, latent_side: int, batch: int = 2) -> int:
-    """Floating-point operations of one UNet forward on `batch` latents (2: one CFG step) with a 77-token
-    context, counted by torch's FlopCounterMode on the meta device (no memory, no compute; a multiply-add
-    counts 2). SD v1 at 64x64 latents (512 px): 1.607e12, the figure the speed issue quotes."""
+def count_flops(call) -> int:
+    """Floating-point operations of `call()` (on meta tensors: no memory, no compute), counted by torch's
+    FlopCounterMode (matmuls, convolutions, attention; a multiply-add counts 2)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        call()
+    return counter.get_total_flops()
+
+
+def unet_step_flops(cfg, latent_side: int, batch: int = 2) -> int:
+    """One UNet forward on `batch` latents (2: one CFG step) with a 77-token context. SD v1 at 64x64 latents
+    (512 px): 1.607e12, the figure the speed issue quotes."""
     unet = bench_model(cfg).unet
     x = torch.empty(batch, cfg.unet.in_channels, latent_side, latent_side, device="meta")
     t = torch.zeros(batch, dtype=torch.long, device="meta")
     context = torch.empty(batch, 77, context_width(cfg), device="meta")
     y = torch.empty(batch, cfg.unet.adm_in_channels, device="meta") if is_sgm(cfg) else None
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        unet(x, t, context, y=y)
-    return counter.get_total_flops()
+    return count_flops(lambda: unet(x, t, context, y=y))
+
+
+def vae_decode_flops(cfg, latent_side: int) -> int:
+    """The VAE decode of one latent (post_quant_conv and decoder), as the vae part times it."""
+    vae = bench_model(cfg).vae
+    z = torch.empty(1, cfg.first_stage.embed_dim, latent_side, latent_side, device="meta")
+    return count_flops(lambda: vae.decode(z))
+
+
+def text_flops(cfg, latent_side: int, batch: int = 2) -> int:
+    """The text encoder's forward on `batch` prompts of 77 tokens (2: the CFG batch); `latent_side` unused."""
+    encoder = bench_model(cfg).cond_stage_model
+    ids = torch.zeros(batch, 77, dtype=torch.long, device="meta")
+    return count_flops(lambda: encoder(ids))
+
+
+PART_FLOPS = {"unet": unet_step_flops, "vae": vae_decode_flops, "text": text_flops}
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 2.0) -> dict:
@@ -565,17 +620,20 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 2.0) 
     return {"n": n, "tflops": 2 * n**3 / best / 1e12}
 
 
-def roofline(cfg, latent_side: int, device: torch.device, dtype: torch.dtype, rows: list[dict]) -> dict:
-    """UNet FLOPs per CFG step, the measured matmul peak, the step time that peak allows, and for every
-    timed UNet row the fraction of the peak it reaches (FLOPs / time / peak)."""
-    flops = unet_step_flops(cfg, latent_side)
+def roofline(cfg, latent_side: int, device: torch.device, dtype: torch.dtype, rows: list[dict]) -> dict | None:
+    """Per timed part with a FLOP count (unet, vae, text): its TFLOP per call, the time the measured matmul
+    peak allows, and for every variant the fraction of the peak it reaches (FLOPs / median time / peak)."""
+    parts = [p for p in PART_FLOPS if any(row["part"] == p for row in rows)]
+    if not parts:
+        return None
     peak = matmul_peak(device, dtype)
-    out = {"unet_step_tflop": flops / 1e12, "matmul_peak_tflops": peak["tflops"], "matmul_n": peak["n"],
-           "step_ms_at_peak": 1e3 * flops / (peak["tflops"] * 1e12), "fraction_of_peak": {}}
-    for row in rows:
-        if row["part"] == "unet":
-            achieved = flops / (row["median_ms"] / 1e3) / 1e12
-            out["fraction_of_peak"][row["variant"]] = achieved / peak["tflops"]
+    out = {"dtype": str(dtype).removeprefix("torch."), "matmul_peak_tflops": peak["tflops"], "matmul_n": peak["n"],
+           "parts": {}}
+    for part in parts:
+        flops = PART_FLOPS[part](cfg, latent_side)
+        out["parts"][part] = {"tflop": flops / 1e12, "ms_at_peak": 1e3 * flops / (peak["tflops"] * 1e12),
+                              "fraction_of_peak": {row["variant"]: flops / (row["median_ms"] / 1e3) / 1e12
+                                                   / peak["tflops"] for row in rows if row["part"] == part}}
     return out
 
 
@@ -633,46 +691,25 @@ def run_config(args, config_path: str, size: int, dtype_name: str) -> dict:
     print(f"  random checkpoint: {sum(v.numel() for v in ckpt.values()) / 1e6:.0f}M values, "
           f"{time.time() - t0:.0f} s", flush=True)
 
-    parts = args.parts
-    with_text = "e2e" in parts and not is_sgm(cfg) and not cfg.cond_stage.is_openclip
-    if "e2e" in parts and not with_text:
-        print("  e2e skipped: the diffusers side needs transformers' CLIP text model (v1 configs only)")
-        parts = [p for p in parts if p != "e2e"]
-    models = {spec: ldm_variant(cfg, ckpt, spec, device) for spec in args.ldm}
+    parts = runnable_parts(cfg, args.parts, peer=bool(args.diffusers))
+    models = {spec: ldm_variant(cfg, ckpt, spec, device, dtype) for spec in args.ldm}
+    with_text = bool({"text", "e2e"} & set(parts))  # diffusers' side then has transformers' CLIP
     text_config = (cfg.cond_stage.text_config or CLIPTextConfig()) if with_text else None
     dmodels = {spec: diffusers_variant(original_config, ckpt, spec, text_config) for spec in args.diffusers}
-    reference = args.diffusers[0] if args.diffusers else None
-    if reference is None:
-        parts = [p for p in parts if p in ("tiling", "profile")]  # nothing to compare the timings with
-    result = {"config": config_path, "size": size, "dtype": dtype_name, "parity": {}, "rows": []}
+    peer = args.diffusers[0] if args.diffusers else None
+    h = size // tiling.upsampling_factor(models[args.ldm[0]].vae)  # the latent side
+    result = {"config": config_path, "size": size, "dtype": dtype_name, "peer": peer,
+              "parity_reference": peer or args.ldm[0], "parity": {}, "rows": []}
     if is_sgm(cfg):
         result["model_channels"] = cfg.unet.model_channels
-    benches = {"unet": (bench_unet, size // 8), "vae": (bench_vae, size // 8), "e2e": (bench_e2e, size)}
-    for part in [p for p in parts if p in benches]:
-        fn, arg = benches[part]
-        print(f"-- {part}", flush=True)
-        outputs, samples = fn(cfg, models, dmodels, args, device, dtype, meter, arg)
-        ref_out = outputs[reference]
-        result["parity"][part] = {name: rel_err(o, ref_out) for name, o in outputs.items() if name != reference}
-        if part == "e2e":
-            result["parity"]["e2e_max_abs"] = {name: (o.float() - ref_out.float()).abs().max().item()
-                                               for name, o in outputs.items() if name != reference}
-        print(f"  parity vs {reference} (max abs diff / max abs): {result['parity'][part]}", flush=True)
-        # after the calls: packed copies are built on first use
-        extra = {name: weight_mb(m, shared) for name, m in models.items()}
-        extra.update({name: sum(weight_mb(p, shared) for p in d.values()) for name, d in dmodels.items()})
-        extra_rows = {n: {"weights_plus_mb": extra[n], "parity_vs_diffusers": result["parity"][part].get(n)}
-                      for n in samples}
-        result["rows"] += summarize(part, samples, reference, extra_rows)
-        del outputs, ref_out
-        # ready for the next part: drop the samples' tensors
-        gc.collect()
-    if "unet" in parts:
-        result["roofline"] = roofline(cfg, size // 8, device, dtype, result["rows"])
-        print(f"  roofline: {result['roofline']}", flush=True)
+    timed_parts(cfg, models, dmodels, args, device, dtype, meter, h, parts, shared, result)
+    roof = roofline(cfg, h, device, dtype, result["rows"])
+    if roof is not None:
+        result["roofline"] = roof
+        print(f"  roofline: {roof}", flush=True)
     if "profile" in parts:
         print("-- profile", flush=True)
-        result["profile"] = profile_unet(cfg, models, dmodels, device, dtype, size // 8, args.seed)
+        result["profile"] = profile_unet(cfg, models, dmodels, device, dtype, h, args.seed)
     if "tiling" in parts:
         print("-- tiling", flush=True)
         result["tiling"] = bench_tiling(cfg, models[args.ldm[0]], args, device, dtype, meter)
@@ -680,9 +717,49 @@ def run_config(args, config_path: str, size: int, dtype_name: str) -> dict:
         print("-- control", flush=True)
         control = _bench_controlnet()
         nets = control.build(ROOT, cfg, device, dtype, args.seed, random_checkpoint, adopt)
-        result["control"] = control.bench_control(cfg, models[args.ldm[0]], dmodels[reference], nets, args, device,
-                                                  dtype, meter, size // 8, alternate, rel_err, unet_step_flops)
+        result["control"] = control.bench_control(cfg, models[args.ldm[0]], dmodels[peer], nets, args, device,
+                                                  dtype, meter, h, alternate, rel_err, unet_step_flops)
     return result
+
+
+def runnable_parts(cfg, parts: list[str], peer: bool) -> list[str]:
+    """The parts that apply to this config; each one left out is said so."""
+    clip = not is_sgm(cfg) and not cfg.cond_stage.is_openclip
+    why_not = {}
+    if not clip:
+        why_not["text"] = "v1 (CLIP) configs only (transformers has no OpenCLIP tower; SDXL's are not built)"
+    if is_sgm(cfg) or (peer and not clip):
+        why_not["e2e"] = "v1 configs only (diffusers' side encodes with transformers' CLIP; SDXL's are not built)"
+    if not peer:
+        why_not["control"] = "it compares with diffusers' ControlNetModel (no --diffusers peer)"
+    for part in [p for p in parts if p in why_not]:
+        print(f"  {part} skipped: {why_not[part]}", flush=True)
+    return [p for p in parts if p not in why_not]
+
+
+def timed_parts(cfg, models, dmodels, args, device, dtype, meter, h, parts, shared, result) -> None:
+    """The alternating parts (unet, vae, text, e2e): parity against the reference's first output, a row per
+    variant (result["rows"])."""
+    benches = {"unet": bench_unet, "vae": bench_vae, "text": bench_text, "e2e": bench_e2e}
+    reference, peer = result["parity_reference"], result["peer"]
+    plain_built = {name: fast.plain_weight_bytes(m) for name, m in models.items()}
+    for part in [p for p in parts if p in benches]:
+        print(f"-- {part}", flush=True)
+        outputs, samples = benches[part](cfg, models, dmodels, args, device, dtype, meter, h)
+        ref_out = outputs[reference]
+        result["parity"][part] = {name: rel_err(o, ref_out) for name, o in outputs.items() if name != reference}
+        if part == "e2e":
+            result["parity"]["e2e_max_abs"] = {name: (o.float() - ref_out.float()).abs().max().item()
+                                               for name, o in outputs.items() if name != reference}
+        print(f"  parity vs {reference} (max abs diff / max abs): {result['parity'][part]}", flush=True)
+        # after the calls: packed weights are built on first use
+        extra = {name: weight_mb(m, shared, plain_built[name]) for name, m in models.items()}
+        extra.update({name: sum(weight_mb(p, shared) for p in d.values()) for name, d in dmodels.items()})
+        extra_rows = {n: {"weights_plus_mb": extra[n], "parity": result["parity"][part].get(n)} for n in samples}
+        result["rows"] += summarize(part, samples, peer, extra_rows)
+        del outputs, ref_out
+        # ready for the next part: drop the samples' tensors
+        gc.collect()
 
 
 def _bench_controlnet():
@@ -696,25 +773,81 @@ def _bench_controlnet():
 
 def print_table(result: dict) -> None:
     print(f"\n{result['config']}  {result['size']}x{result['size']}  {result['dtype']}")
+    if "error" in result:
+        print(f"failed: {result['error']}")
+        return
     head = f"{'part':5s} {'variant':28s} {'median ms':>10s} {'cpu ms':>9s} {'ratio':>6s} {'peak MB':>8s} " \
            f"{'rise MB':>8s} {'weights+':>9s} {'parity':>9s}"
     print(head)
     print("-" * len(head))
     for r in result["rows"]:
-        parity = r.get("parity_vs_diffusers")
-        print(f"{r['part']:5s} {r['variant']:28s} {r['median_ms']:10.0f} {r['cpu_ms']:9.0f} "
-              f"{r['ratio_vs_diffusers']:6.3f} {r['peak_mb']:8.0f} {r['rise_mb']:8.0f} {r['weights_plus_mb']:9.0f} "
-              f"{'' if parity is None else f'{parity:.1e}':>9s}")
+        print(f"{r['part']:5s} {r['variant']:28s} {r['median_ms']:10.1f} {r['cpu_ms']:9.0f} "
+              f"{cell(r['ratio_vs_diffusers'], '.3f'):>6s} {r['peak_mb']:8.0f} {r['rise_mb']:8.0f} "
+              f"{r['weights_plus_mb']:9.0f} {cell(r['parity'], '.1e'):>9s}")
+    print((f"ratio: median ms over that of {result['peer']}; " if result["peer"] else "")
+          + f"parity: max abs diff / max abs against {result['parity_reference']}")
     if "roofline" in result:
         r = result["roofline"]
-        print(f"roofline: {r['unet_step_tflop']:.3f} TFLOP per CFG step; matmul peak {r['matmul_peak_tflops']:.2f} "
-              f"TFLOP/s (n={r['matmul_n']}) allows {r['step_ms_at_peak']:.1f} ms; reached: "
-              + ", ".join(f"{name} {frac:.1%}" for name, frac in r["fraction_of_peak"].items()))
+        print(f"roofline: matmul peak {r['matmul_peak_tflops']:.2f} TFLOP/s ({r['dtype']}, n={r['matmul_n']})")
+        for part, v in r["parts"].items():
+            print(f"  {part:5s} {v['tflop']:.4f} TFLOP per call, {v['ms_at_peak']:.2f} ms at the peak; reached: "
+                  + ", ".join(f"{name} {frac:.1%}" for name, frac in v["fraction_of_peak"].items()))
     if "tiling" in result:
         for key, value in result["tiling"].items():
             print(f"tiling {key}: {json.dumps(value)}")
     if "control" in result:
         _bench_controlnet().print_rows(result["control"])
+
+
+def cell(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+# ------------------------------------------------------------------------------------------------ markdown
+
+
+def markdown_report(report: dict) -> str:
+    """A bench report ({"meta", "runs"}, as --json writes it) as markdown, for the README and
+    scripts/gpu_check.sh: a line with the device, threads, versions and command line, then per run (config,
+    size, dtype) a table with a row per part and, per variant, its median ms, its time over the peer's and
+    the share of the matmul peak it reaches (parts with a FLOP count)."""
+    meta = report["meta"]
+    versions = ", ".join(f"{k} {meta[k]}" for k in ("torch", "diffusers", "transformers") if k in meta)
+    lines = [f"{meta.get('device_name', meta['device'])}, {meta['threads']} threads, {versions}: "
+             f"`{meta['command']}`"]
+    for run in report["runs"]:
+        width = f", model_channels {run['model_channels']}" if "model_channels" in run else ""
+        lines += ["", f"**{run['config']}**, {run['size']} px, {run['dtype']}{width}", ""]
+        lines += [f"failed: {run['error']}"] if "error" in run else run_table(run)
+    return "\n".join(lines) + "\n"
+
+
+def run_table(run: dict) -> list[str]:
+    rows = {(r["part"], r["variant"]): r for r in run["rows"]}
+    roof = run.get("roofline", {"parts": {}})["parts"]
+    peer = run["peer"]
+    columns = []  # (variant, what, heading)
+    for v in dict.fromkeys(r["variant"] for r in run["rows"]):
+        columns.append((v, "median_ms", f"{v} ms"))
+        if peer and v != peer:
+            columns.append((v, "ratio_vs_diffusers", f"{v} / {peer}"))
+        if roof:
+            columns.append((v, "peak", f"{v} % peak"))
+
+    def value(part: str, v: str, what: str) -> str:
+        if what == "peak":
+            fraction = roof.get(part, {}).get("fraction_of_peak", {}).get(v)
+            return cell(None if fraction is None else 100 * fraction, ".1f")
+        return cell(rows.get((part, v), {}).get(what), ".1f" if what == "median_ms" else ".3f")
+
+    table = ["| part | " + " | ".join(c[2] for c in columns) + " |", "|" + "---|" * (1 + len(columns))]
+    for part in dict.fromkeys(r["part"] for r in run["rows"]):
+        table.append(f"| {part} | " + " | ".join(value(part, *c[:2]) for c in columns) + " |")
+    if roof:
+        per_call = ", ".join(f"{part} {v['tflop']:.4g}" for part, v in roof.items())
+        table += ["", f"matmul peak {run['roofline']['matmul_peak_tflops']:.2f} TFLOP/s ({run['roofline']['dtype']}, "
+                      f"measured in this run); TFLOP per call: {per_call}"]
+    return table
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -723,13 +856,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default="configs/stable-diffusion/v1-inference.yaml")
     p.add_argument("--size", type=int, default=None, help="image side in px (default: 256 on CPU, 512 else)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    p.add_argument("--matrix", action="store_true", help="GPU matrix: v1 512 px and v2 768 px, fp16 and bf16")
-    p.add_argument("--parts", default="unet,vae,e2e",
-                   help="comma list of unet, vae, e2e, tiling, profile, control (one ControlNet's cost)")
+    p.add_argument("--matrix", action="store_true",
+                   help="GPU matrix: v1 512 px, v2 768 px, SDXL 1024 px, fp16 and bf16 (MATRIX)")
+    p.add_argument("--runs", default=None,
+                   help="a matrix of one's own: comma list of CONFIG:SIZE:DTYPE (overrides --config/--size/--dtype)")
+    p.add_argument("--parts", default="unet,vae,text,e2e",
+                   help="comma list of unet, vae, text, e2e, tiling, profile, control (one ControlNet's cost)")
     p.add_argument("--ldm", default=None,
-                   help="ldm variants, comma list of ldm[+prepack][+channels_last][+compile][+cudagraphs]"
-                        "[+sliced|+math] (default: ldm,ldm+prepack on CPU, ldm,ldm+channels_last else)")
-    p.add_argument("--diffusers", default="diffusers", help="diffusers variants: diffusers[+channels_last]")
+                   help="ldm variants, comma list of ldm[+default][+prepack][+channels_last][+compile][+cudagraphs]"
+                        "[+sliced|+math]; +default: what the CLI runs (ldm.fast.default_options) "
+                        "(default: ldm,ldm+default on CPU, ldm,ldm+default,ldm+channels_last else)")
+    p.add_argument("--diffusers", default="diffusers",
+                   help='diffusers variants: diffusers[+channels_last]; "" for ldm only (no diffusers import)')
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=25, help="DDIM steps of the e2e part")
     p.add_argument("--tiling-compare", default="512", help="sizes decoded plain and tiled (comma list)")
@@ -745,16 +883,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--markdown", default=None, help="write the results as a markdown table here")
     args = p.parse_args(argv)
     args.parts = args.parts.split(",")
     if args.ldm is None:
-        args.ldm = "ldm,ldm+prepack" if args.device == "cpu" else "ldm,ldm+channels_last"
+        args.ldm = "ldm,ldm+default" if args.device == "cpu" else "ldm,ldm+default,ldm+channels_last"
     args.ldm, args.diffusers = args.ldm.split(","), [d for d in args.diffusers.split(",") if d]
     args.tile, args.tile_large = (tuple(int(v) for v in t.split(",")) for t in (args.tile, args.tile_large))
     args.tiling_compare = [int(s) for s in args.tiling_compare.split(",") if s]
     args.tiling_large = [int(s) for s in args.tiling_large.split(",") if s]
     if args.size is None:
         args.size = 256 if args.device == "cpu" else 512
+    if args.runs is not None:
+        args.runs = [(c, int(s), d) for c, s, d in (run.rsplit(":", 2) for run in args.runs.split(","))]
+    else:
+        args.runs = MATRIX if args.matrix else [(args.config, args.size, args.dtype)]
     return args
 
 
@@ -763,25 +906,50 @@ def main(argv=None) -> None:
     torch.set_grad_enabled(False)
     if args.threads:
         torch.set_num_threads(args.threads)
-    import diffusers
-    import transformers
+    meta = {"torch": torch.__version__, "device": args.device, "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(), "load_avg_start": os.getloadavg(), "argv": sys.argv[1:],
+            "command": shlex.join(["scripts/bench.py"] + sys.argv[1:])}
+    if args.diffusers:  # only with a peer: .venv has neither
+        import diffusers
+        import transformers
 
-    meta = {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-            "device": args.device, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-            "load_avg_start": os.getloadavg(), "argv": sys.argv[1:]}
+        meta.update(diffusers=diffusers.__version__, transformers=transformers.__version__)
     if args.device != "cpu":
         meta["device_name"] = torch.get_device_module(args.device).get_device_name(torch.device(args.device))
-    runs = MATRIX if args.matrix else [(args.config, args.size, args.dtype)]
     results = []
-    for config_path, size, dtype_name in runs:
-        results.append(run_config(args, config_path, size, dtype_name))
-        gc.collect()
+    for config_path, size, dtype_name in args.runs:
+        results.append(guarded_run(args, config_path, size, dtype_name))
+        write_report(args, meta, results)  # after every config: a matrix cut short keeps what completed
     meta["load_avg_end"] = os.getloadavg()
+    write_report(args, meta, results)
     for result in results:
         print_table(result)
     print(f"\nload average start {meta['load_avg_start']}, end {meta['load_avg_end']}")
+    if any("error" in result for result in results):
+        raise SystemExit(1)
+
+
+def guarded_run(args, config_path: str, size: int, dtype_name: str) -> dict:
+    """run_config, or a record of its error: one failing config (out of memory, a compile error) must not cost
+    the rest of a matrix."""
+    try:
+        return run_config(args, config_path, size, dtype_name)
+    except Exception as e:
+        traceback.print_exc()
+        message = (str(e).splitlines() or [""])[0][:300]
+        return {"config": config_path, "size": size, "dtype": dtype_name, "error": f"{type(e).__name__}: {message}"}
+    finally:
+        gc.collect()
+        if args.device != "cpu":
+            torch.get_device_module(args.device).empty_cache()
+
+
+def write_report(args, meta: dict, results: list[dict]) -> None:
+    report = {"meta": meta, "runs": results}
     if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "runs": results}, indent=1))
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    if args.markdown:
+        Path(args.markdown).write_text(markdown_report(report))
 
 
 if __name__ == "__main__":

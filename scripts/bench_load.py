@@ -9,6 +9,14 @@ model_ema.<param> as EMA-only releases do, ~4.3 GB), then loads it in a FRESH su
 - peak RSS (VmHWM) against the bytes of the weights the model actually holds (ratio; goal <= 1.3, ideally
   1.1), also with the interpreter + torch baseline subtracted.
 
+`--run SIZE` then runs, in a FRESH subprocess per `--fast` mode, what the command line runs: ldm.load_model, then
+ldm.fast.configure with the mode's options (none: the plain path; auto: ldm.fast.default_options(device, dtype),
+the CLI's default), then ldm.pipeline.txt2img at SIZE px, batch 1, `--steps` DDIM steps; per mode the peak RSS
+(VmHWM) and the wall time, and auto's peak over none's (issue 22's goal: within 5%, i.e. prepacked weights that
+replace the plain ones hold no second copy):
+
+    .venv/bin/python scripts/bench_load.py --layout pruned --run 128
+
 SDXL: `--manifest` takes the keys and shapes of a released file (tests/fixtures/manifests/), e.g. the SDXL base
 as sd_xl_base_1.0.safetensors holds it (fp16, 6.9 GB, with `denoiser.sigmas` and CLIP's position_ids):
 
@@ -171,6 +179,40 @@ def child(config: str, ckpt: str, dtype: str, ema: bool) -> dict:
     }
 
 
+def child_run(config: str, ckpt: str, dtype: str, ema: bool, size: int, mode: str, steps: int) -> dict:
+    """Runs in the fresh subprocess: what the CLI runs for one --fast mode (load, configure, txt2img), timed."""
+    import torch
+
+    import ldm
+    from ldm import fast, pipeline
+
+    baseline_rss = _status("VmRSS")
+    start = time.perf_counter()
+    model = ldm.load_model(config, ckpt, dtype=getattr(torch, dtype), ema=ema)
+    options = fast.default_options("cpu", getattr(torch, dtype)) if mode == "auto" else {}
+    fast.configure(model, **options)
+    load_s = time.perf_counter() - start
+    image = pipeline.txt2img(model, "a photograph of an astronaut riding a horse", sampler="ddim", steps=steps,
+                             H=size, W=size, seed=0, disable=True)
+    return {"mode": mode, "options": options, "load_s": load_s, "txt2img_s": time.perf_counter() - start - load_s,
+            "wall_s": time.perf_counter() - start, "baseline_rss": baseline_rss, "peak_rss": _status("VmHWM"),
+            "image_finite": bool(torch.isfinite(image).all())}
+
+
+def run_modes(args, path: Path) -> dict:
+    """child_run per --fast mode, each in its own process (so each peak RSS is its own), from a warm page cache."""
+    out = {}
+    for mode in args.fast.split(","):
+        command = [sys.executable, __file__, "--child-run", str(args.run), "--fast", mode, "--steps", str(args.steps),
+                   "--config", args.config, "--path", str(path), "--dtype", args.dtype] + \
+                  (["--no-ema"] if args.no_ema else [])
+        text = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+        out[mode] = json.loads(text.strip().splitlines()[-1])
+    if {"none", "auto"} <= set(out):
+        out["auto_over_none_peak_rss"] = out["auto"]["peak_rss"] / out["none"]["peak_rss"]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(ROOT / "configs/stable-diffusion/v1-inference.yaml"))
@@ -184,10 +226,19 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="use an existing --path instead of writing it")
     parser.add_argument("--warm", action="store_true", help="keep the file in the page cache before loading")
     parser.add_argument("--keep", action="store_true", help="keep the written file")
+    parser.add_argument("--run", type=int, default=None, metavar="SIZE",
+                        help="then run load + configure + txt2img at SIZE px per --fast mode (fresh processes)")
+    parser.add_argument("--fast", default="none,auto", help="--run's modes, comma list of none, auto")
+    parser.add_argument("--steps", type=int, default=2, help="--run's DDIM steps")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child-run", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.config, args.path, args.dtype, not args.no_ema)))
+        return
+    if args.child_run is not None:
+        print(json.dumps(child_run(args.config, args.path, args.dtype, not args.no_ema, args.child_run, args.fast,
+                                   args.steps)))
         return
 
     tmp = None if args.path else tempfile.TemporaryDirectory(prefix="bench_load-")
@@ -209,6 +260,8 @@ def main() -> None:
                    "--dtype", args.dtype] + (["--no-ema"] if args.no_ema else [])
         out = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT).stdout
         result.update(json.loads(out.strip().splitlines()[-1]))
+        if args.run is not None:
+            result["run"] = run_modes(args, path)
     finally:
         if tmp is not None and not args.keep:
             tmp.cleanup()
@@ -228,6 +281,12 @@ def main() -> None:
         ("(peak - baseline) / weights", f"{result['ratio_minus_baseline']:.3f}"),
         ("read from disk", gb(result["disk_read_bytes"])),
     ]
+    for mode, run in result.get("run", {}).items():
+        if isinstance(run, dict):
+            rows.append((f"--run {args.run} px, --fast {mode}", f"peak RSS {gb(run['peak_rss'])}, "
+                         f"{run['wall_s']:.1f} s (load {run['load_s']:.1f} s, txt2img {run['txt2img_s']:.1f} s)"))
+    if "auto_over_none_peak_rss" in result.get("run", {}):
+        rows.append(("peak RSS auto / none", f"{result['run']['auto_over_none_peak_rss']:.3f}"))
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
