@@ -38,7 +38,7 @@ def configure(model: nn.Module, *, attention: str | None = None, slice_size: int
               prepack_weights: bool = False, memory_format_cl: bool = False, vae_tile: int | None = None,
               vae_tile_overlap: int = 16, vae_slice: int | None = None, compile_networks: bool = False,
               offload_to: torch.device | str | None = None, device: torch.device | str | None = None):
-    """Apply the opt-in paths a command line asks for to a loaded LatentDiffusion; returns the
+    """Apply the fast paths a command line asks for to a loaded LatentDiffusion; returns the
     SequentialOffload handle when `offload_to` is given, else None. Every option defaults to off.
 
     attention: "sdpa" | "sliced" | "math" (ldm.models.attention); vae_tile: latent tile side for

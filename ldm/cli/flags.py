@@ -1,6 +1,6 @@
 """The flags of scripts/txt2img.py and scripts/img2img.py: those of the CompVis/stable-diffusion scripts with
 their defaults (v2's `--steps` is an alias of `--ddim_steps`), plus ours (--sampler, --schedule,
---negative_prompt, --no-ema, --vae, --device and the opt-in speed and memory flags; README, Speed).
+--negative_prompt, --no-ema, --vae, --device and the speed and memory flags, --fast auto by default; README, Speed).
 scripts/inpaint.py takes img2img's flags but the size ones (the output has the init image's size) and --mask;
 its defaults are the inpainting demos' where they have one (ldm/inpaint.py)."""
 

@@ -30,7 +30,7 @@ GRID_NAME, GRID_TEMPLATE = r"grid-(\d{4,})\.png", "grid-{:04}.png"
 
 
 def apply_speed_flags(opts: argparse.Namespace, model) -> None:
-    """The opt-in paths of the command line, on the loaded model (in place)."""
+    """The fast paths of the command line (--fast auto filled in by inputs.validate), on the loaded model."""
     fast.configure(model, attention=opts.attention, slice_size=opts.attention_slice, prepack_weights=opts.prepack,
                    memory_format_cl=opts.channels_last, vae_tile=opts.vae_tile,
                    vae_tile_overlap=opts.vae_tile_overlap or 0, vae_slice=opts.vae_slice,
