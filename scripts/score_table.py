@@ -2,6 +2,7 @@
 
     python scripts/score_table.py                      # writes checkpoints/demo/scores.md
     python scripts/score_table.py --samplers ddim --steps 25 --n 40
+    python scripts/score_table.py --samplers ddim dpmpp_2m --steps 25 --seeds 0 1 --out checkpoints/demo/scores-seeds01.md
 
 Images come from the txt2img pipeline (ldm.pipeline via ldm/train/demo_eval.py) with the demo's guidance
 scale, one seed; they are scored by the classical evaluator of ldm/demo/evaluate.py. "seen" are combinations
@@ -33,6 +34,7 @@ def main(argv=None):
     p.add_argument("--steps", nargs="+", type=int, default=[10, 25])
     p.add_argument("--n", type=int, default=40, help="prompts per split")
     p.add_argument("--scale", type=float, default=None, help="guidance scale (default: the demo's)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="every prompt is drawn once per seed")
     p.add_argument("--out", default=str(ROOT / "checkpoints/demo/scores.md"))
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
@@ -53,7 +55,7 @@ def main(argv=None):
     for sampler in args.samplers:
         for steps in args.steps:
             for split, prompts in splits.items():
-                r = score_model(model, prompts, sampler=sampler, steps=steps, scale=scale)
+                r = score_model(model, prompts, sampler=sampler, steps=steps, scale=scale, seeds=args.seeds)
                 results[(sampler, steps, split)] = r
                 print(f"{sampler:>10} {steps:>3} steps {split:>8}: prompt {r['prompt_accuracy']:.3f} "
                       f"(colour {r['colour']:.2f} shape {r['shape']:.2f} background {r['background']:.2f} "
@@ -61,17 +63,24 @@ def main(argv=None):
 
     lines = [
         f"Prompt adherence of the demo model (`{Path(args.ckpt).name}`): fraction of prompts whose colour, shape,",
-        f"background and position all match, {args.n} prompts per split, seed 0, guidance scale {scale:g},",
-        "64x64 images (`python scripts/score_table.py`). Seen: combinations that occur in training; held-out: the",
-        "colour-shape and colour-background pairings kept out of training.",
+        f"background and position all match, {args.n} prompts per split, seed{'s' * (len(args.seeds) > 1)} "
+        f"{' and '.join(map(str, args.seeds))}, guidance scale {scale:g},",
+        f"64x64 images (`python {' '.join(['scripts/score_table.py'] + sys.argv[1:])}`). Seen: combinations that occur",
+        "in training; held-out: the colour-shape and colour-background pairings kept out of training. Per attribute:",
+        "the fraction of images whose colour / shape / background / position is right.",
         "",
-        "| sampler | steps | seen | held-out |",
-        "|---|---:|---:|---:|",
+        "| sampler | steps | seen | held-out | seen per attribute | held-out per attribute |",
+        "|---|---:|---:|---:|---|---|",
     ]
+
+    def attributes(r: dict) -> str:
+        return " / ".join(f"{r[name]:.2f}" for name in ("colour", "shape", "background", "position"))
+
     for sampler in args.samplers:
         for steps in args.steps:
             seen, held = results[(sampler, steps, "seen")], results[(sampler, steps, "held-out")]
-            lines.append(f"| {sampler} | {steps} | {seen['prompt_accuracy']:.2f} | {held['prompt_accuracy']:.2f} |")
+            lines.append(f"| {sampler} | {steps} | {seen['prompt_accuracy']:.2f} | {held['prompt_accuracy']:.2f} | "
+                         f"{attributes(seen)} | {attributes(held)} |")
     Path(args.out).write_text("\n".join(lines) + "\n")
     Path(args.out).with_suffix(".json").write_text(json.dumps(
         {f"{s}/{n}/{split}": r for (s, n, split), r in results.items()}, indent=1) + "\n")
