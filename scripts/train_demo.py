@@ -105,6 +105,8 @@ def parse_args(argv=None):
     p.add_argument("--latent-pool", type=int, default=8192,
                    help="encode this many training images once and draw batches from their posteriors (0: "
                         "encode every batch)")
+    p.add_argument("--position-embedding-std", type=float, default=0.0,
+                   help="redraw the text encoder's position embeddings with this std (0: CLIP's init, 0.01)")
     p.add_argument("--attr-dropout", type=float, default=0.0,
                    help="probability of leaving each attribute out of a training caption (UNet stage)")
     p.add_argument("--ckpt-every", type=int, default=200)
@@ -163,9 +165,9 @@ def train_diffusion(args, work: Path) -> dict:
     with torch.random.fork_rng():
         torch.manual_seed(args.seed + 1)
         model = build_model(cfg)
-    if args.token_embedding_std:
+    if args.token_embedding_std or args.position_embedding_std:
         init_token_embeddings(model.cond_stage_model, args.token_embedding_std,
-                              torch.Generator().manual_seed(args.seed + 2))
+                              torch.Generator().manual_seed(args.seed + 2), args.position_embedding_std)
     vae_state = torch.load(work / "autoencoder.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     model.first_stage_model.load_state_dict(vae_state, strict=True)
     data = functools.partial(world_data, attr_dropout=args.attr_dropout)

@@ -65,7 +65,8 @@ def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> 
 
 
 @torch.no_grad()
-def init_token_embeddings(text_model: torch.nn.Module, std: float, generator: torch.Generator) -> None:
+def init_token_embeddings(text_model: torch.nn.Module, std: float, generator: torch.Generator,
+                          position_std: float | None = None) -> None:
     """Redraw a CLIP text encoder's token embeddings with standard deviation `std` (training from scratch).
 
     CLIP's init (std 0.02, as transformers' CLIPTextEmbeddings) leaves a word's identity 50x below the
@@ -74,9 +75,16 @@ def init_token_embeddings(text_model: torch.nn.Module, std: float, generator: to
     the ones whose effect is spatial (shape, position) stay invisible to the UNet, so it gets no gradient to
     learn them from (measured on the demo after 500 steps: changing "red" to "green" moved the context by 14,
     "circle" to "square" by 0.4, at a token norm of 8). At std 1 every word is distinct from step 0.
+
+    `position_std`: redraw the position embeddings too (CLIP's init: 0.01). Needed when the context is the
+    embedding layer's output (`layer: hidden, layer_idx: 0`): the same colour word names the shape's colour at
+    one place and the background's at another, and only the position embedding tells them apart.
     """
-    table = text_model.transformer.text_model.embeddings.token_embedding.weight
-    table.copy_(torch.randn(table.shape, generator=generator, dtype=table.dtype) * std)
+    embeddings = text_model.transformer.text_model.embeddings
+    tables = ((embeddings.token_embedding.weight, std), (embeddings.position_embedding.weight, position_std))
+    for table, scale in tables:
+        if scale:
+            table.copy_(torch.randn(table.shape, generator=generator, dtype=table.dtype) * scale)
 
 
 class DiffusionTrainer(Trainer):
