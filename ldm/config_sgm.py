@@ -137,7 +137,7 @@ class SGMCLIPEmbedderConfig:
     """encoders/modules.py FrozenCLIPEmbedder (sgm's, with always_return_pooled) plus `text_config`."""
 
     version: str = "openai/clip-vit-large-patch14"  # a download name in the original; we never download
-    device: str = "cuda"  # ignored: placement is the loader's argument
+    device: str | None = None  # the original defaults to its accelerator; ignored: placement is the loader's argument
     max_length: int = 77
     freeze: bool = True
     layer: str = "last"
@@ -152,7 +152,7 @@ class SGMOpenCLIPEmbedder2Config:
 
     arch: str = "ViT-H-14"
     version: str = "laion2b_s32b_b79k"
-    device: str = "cuda"
+    device: str | None = None  # ignored, as SGMCLIPEmbedderConfig.device
     max_length: int = 77
     freeze: bool = True
     layer: str = "last"
