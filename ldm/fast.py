@@ -71,7 +71,7 @@ def default_options(device: torch.device | str, dtype: torch.dtype) -> dict:
     """`configure`'s keyword arguments that the command line uses by default (`--fast auto`) on `device` in
     `dtype`; `{}` is the plain path.
 
-    CPU float32: prepacked weights (`prepack`): a UNet step 0.78x and txt2img 0.75x of the plain path's time at
+    CPU float32: prepacked weights (`prepack`): a UNet step 0.69x and txt2img 0.69x of the plain path's time at
     256 px on 2 cores (README, Speed), with the same peak memory (the packed copy replaces the plain one), and
     images within one uint8 level of the plain path on every sampler (tests/test_fast_default.py). Everything
     else, the plain path: bfloat16 packing is not implemented, channels_last measured slower on the CPU, and the

@@ -125,18 +125,20 @@ class _Packed(nn.Module):
 
 
 class PackedConv2d(_Packed):
+    def __init__(self, plain: nn.Conv2d):
+        super().__init__(plain)
+        # padding, stride, dilation as the oneDNN ops take them, built once (forward runs every step)
+        self._geometry = (list(plain.padding), list(plain.stride), list(plain.dilation))
+
     def _pack(self, weight: torch.Tensor, input_shape: torch.Size) -> torch.Tensor:
-        conv = self.plain
-        return torch.ops.mkldnn._reorder_convolution_weight(weight, list(conv.padding), list(conv.stride),
-                                                           list(conv.dilation), conv.groups, list(input_shape))
+        return torch.ops.mkldnn._reorder_convolution_weight(weight, *self._geometry, self.plain.groups,
+                                                           list(input_shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        conv = self.plain
         if x.dim() != 4 or not self._usable(x):
-            return conv._conv_forward(x, self.weight, self.bias)
-        return torch.ops.mkldnn._convolution_pointwise(x, self._weight_for(x), self.bias, list(conv.padding),
-                                                       list(conv.stride), list(conv.dilation), conv.groups,
-                                                       "none", [], "")
+            return self.plain._conv_forward(x, self.weight, self.bias)
+        return torch.ops.mkldnn._convolution_pointwise(x, self._weight_for(x), self.bias, *self._geometry,
+                                                       self.plain.groups, "none", [], "")
 
 
 class PackedLinear(_Packed):

@@ -192,11 +192,11 @@ def child_run(config: str, ckpt: str, dtype: str, ema: bool, size: int, mode: st
     options = fast.default_options("cpu", getattr(torch, dtype)) if mode == "auto" else {}
     fast.configure(model, **options)
     load_s = time.perf_counter() - start
-    image = pipeline.txt2img(model, "a photograph of an astronaut riding a horse", sampler="ddim", steps=steps,
-                             H=size, W=size, seed=0, disable=True)
+    # the synthetic weights are unscaled random numbers: the image is not looked at, only time and memory
+    pipeline.txt2img(model, "a photograph of an astronaut riding a horse", sampler="ddim", steps=steps, H=size,
+                     W=size, seed=0, disable=True)
     return {"mode": mode, "options": options, "load_s": load_s, "txt2img_s": time.perf_counter() - start - load_s,
-            "wall_s": time.perf_counter() - start, "baseline_rss": baseline_rss, "peak_rss": _status("VmHWM"),
-            "image_finite": bool(torch.isfinite(image).all())}
+            "wall_s": time.perf_counter() - start, "baseline_rss": baseline_rss, "peak_rss": _status("VmHWM")}
 
 
 def run_modes(args, path: Path) -> dict:

@@ -2,7 +2,8 @@
 
     python scripts/score_table.py                      # writes checkpoints/demo/scores.md
     python scripts/score_table.py --samplers ddim --steps 25 --n 40
-    python scripts/score_table.py --samplers ddim dpmpp_2m --steps 25 --seeds 0 1 --out checkpoints/demo/scores-seeds01.md
+    python scripts/score_table.py --samplers ddim dpmpp_2m --steps 25 --seeds 0 1 \
+        --out checkpoints/demo/scores-seeds01.md
 
 Images come from the txt2img pipeline (ldm.pipeline via ldm/train/demo_eval.py) with the demo's guidance
 scale, one seed; they are scored by the classical evaluator of ldm/demo/evaluate.py. "seen" are combinations
