@@ -77,7 +77,9 @@ def test_render_geometry_and_colours():
     attrs = Attributes("red", "square", "blue", "top left")
     image = world.to_uint8(world.render(attrs)).permute(1, 2, 0).int()  # canonical: no jitter
     assert image[0, 0].tolist() == list(world.COLOURS["blue"])
-    assert image[16, 16].tolist() == list(world.COLOURS["red"])  # the top-left anchor is at 1/4, 1/4
+    assert image[19, 19].tolist() == list(world.COLOURS["red"])  # the top-left anchor is at 0.3, 0.3 (19.2 px)
+    # the canonical square's box (24 px: the middle of SIZE_RANGE) spans 7.2..31.2: pixel 6 is outside, 8 inside
+    assert image[6, 19].tolist() == list(world.COLOURS["blue"]) and image[8, 19].tolist() == list(world.COLOURS["red"])
     assert image[48, 48].tolist() == list(world.COLOURS["blue"])
 
 

@@ -19,7 +19,8 @@ from ldm.demo import DEMO_CONFIG
 from ldm.models.latent_diffusion import build_model
 from ldm.train.autoencoder import AutoencoderTrainer, autoencoder_loss
 from ldm.train.checkpoint_io import export_pruned, write_config
-from ldm.train.diffusion import DiffusionTrainer, diffusion_target, init_token_embeddings, q_sample
+from ldm.train.diffusion import (DiffusionTrainer, diffusion_target, foreground_mask, init_token_embeddings,
+                                 q_sample)
 from ldm.train.ema import LitEma
 from ldm.train.loop import TrainOptions, learning_rate
 from tiny_models import ema_key, tiny_config_path  # the test's own copy of LitEma's naming
@@ -192,6 +193,45 @@ def test_offset_noise_adds_a_per_channel_constant():
     # standard deviation of sqrt(2 / 128) = 0.125: the bounds are 4 of those apart from 2
     assert 0.95 < noise_power(0.0) < 1.05
     assert 1.5 < noise_power(1.0) < 2.5
+
+
+def test_foreground_mask_covers_the_shape_and_its_box():
+    # canonical 24 px shapes at the top-left anchor (19.2, 19.2) of a 64 px image: the box spans pixels
+    # 7.2..31.2, i.e. latent (f = 4) cells 1..7. The square fills them; the circle's mask, dilated by one cell,
+    # holds all of them too (the corners a square would add) and nothing outside cells 0..8
+    lo, hi = int((19.2 - 12) // 4), int((19.2 + 12) // 4)
+    for shape in ("circle", "square"):
+        image = world.render(world.Attributes("red", shape, "blue", "top left"))[None]
+        mask = foreground_mask(image, (16, 16))[0, 0]
+        assert mask[lo:hi + 1, lo:hi + 1].all(), shape
+        assert mask.sum() == mask[lo - 1:hi + 2, lo - 1:hi + 2].sum(), shape
+    assert foreground_mask(image, (16, 16))[0, 0, lo - 1:hi + 2, lo - 1:hi + 2].all()  # the square, dilated
+    assert foreground_mask(torch.zeros(1, 3, 64, 64), (16, 16)).sum() == 0  # a flat image has no foreground
+
+
+@pytest.mark.parametrize("pool", [0, 16])
+def test_foreground_weight_counts_the_shape_more(pool):
+    def losses(weight):
+        trainer = diffusion_trainer(steps=1, foreground_weight=weight, latent_pool=pool)
+        z0, captions, t, noise, mask = trainer.batch(torch.Generator().manual_seed(3))
+        if not weight:
+            assert mask is None
+            return trainer.compute_loss(z0, captions, t, noise)[0], None
+        # only the shape's error: a prediction equal to the target outside the mask
+        target = diffusion_target(z0, t, noise, trainer.model.alphas_cumprod, trainer.model.parameterization)
+        z_t = q_sample(z0, t, noise, trainer.model.alphas_cumprod)
+        trainer.model.apply_model = lambda z_t_, t_, context: target + mask * (z_t - target)
+        with torch.no_grad():
+            loss = trainer.compute_loss(z0, captions, t, noise, mask)[0]
+        error = ((mask * (z_t - target)) ** 2).mean()
+        return loss, (error, mask)
+
+    plain, _ = losses(0)
+    assert torch.isfinite(plain)
+    weighted, (error, mask) = losses(3.0)
+    assert 0 < mask.mean() < 1
+    # the loss is mean(w e^2) / mean(w) with w = 1 + 3 m and e zero off the mask: 4 mean(m e^2) / mean(w)
+    assert torch.allclose(weighted, 4 * error / (1 + 3 * mask.mean()), rtol=1e-5)  # float32 reductions
 
 
 def test_training_is_deterministic_given_the_seed():
