@@ -80,7 +80,7 @@ def parse_args(argv=None):
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--vae-logvar-init", type=float, default=-8.0,
                    help="initial posterior log-variance (see ldm/train/autoencoder.py)")
-    p.add_argument("--unet-steps", type=int, default=3000)
+    p.add_argument("--unet-steps", type=int, default=2500)
     p.add_argument("--unet-batch", type=int, default=32)
     p.add_argument("--unet-lr", type=float, default=1e-3)
     p.add_argument("--latent-scale", type=float, default=0.5,
