@@ -44,6 +44,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _limits():
     resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    # A shell's background job (`pytest ... &`, nohup) starts with SIGINT ignored, the child inherits that and
+    # Python then installs no KeyboardInterrupt handler: give the child the default, as an interactive run has.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _env():
