@@ -161,7 +161,9 @@ class DiffusionTrainer(Trainer):
             with torch.no_grad():
                 posterior = model.first_stage_model.encode(images[rows].to(self.device))
                 z = posterior_rows(posterior, generator, n, rows)
-                mask = foreground_mask(images[rows], tuple(z.shape[-2:])) if self.foreground_weight else None
+                mask = None
+                if self.foreground_weight:  # from the CPU images, to the latents' device as the pool's masks
+                    mask = foreground_mask(images[rows], tuple(z.shape[-2:])).to(self.device)
                 return model.get_first_stage_encoding(z).float(), captions, mask
         means, stds, pool_captions, masks = self.pool
         index = torch.randint(0, means.shape[0], (n,), generator=generator)
@@ -171,8 +173,8 @@ class DiffusionTrainer(Trainer):
         return z0.to(self.device), [pool_captions[i] for i in index.tolist()], mask
 
     def batch(self, generator: torch.Generator) -> tuple:
-        """(z0, captions after dropout, t, noise) of this rank's rows, every draw made for the whole batch in
-        the order of the module docstring."""
+        """(z0, captions after dropout, t, noise, foreground mask or None) of this rank's rows, every draw made
+        for the whole batch in the order of the module docstring (the mask draws nothing)."""
         model, n, rows = self.model, self.opts.batch_size, self.rows
         z0, captions, mask = self.latents(generator)
         captions = drop_captions(captions, self.cond_dropout, generator)[rows]
